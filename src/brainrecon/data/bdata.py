@@ -1,0 +1,287 @@
+"""Read and write BData HDF5 files (the format of KamitaniLab's bdpy), without depending on bdpy.
+
+Layout: ``/dataset`` float64 (n_samples, n_columns); ``/metadata/key`` and ``/metadata/description``
+variable-length byte strings (n_keys,); ``/metadata/value`` float64 (n_keys, n_columns) with 1/NaN
+flags or per-column numbers; ``/vmap/<key>/<float value>`` scalar byte-string labels. Older files
+name the groups ``dataSet``/``metaData``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+_STR = h5py.string_dtype(encoding="ascii")  # what bdpy writes: vlen bytes (UTF-8 content)
+_ROW_BLOCK_BYTES = 1 << 26                  # read /dataset in row blocks of at most ~64 MiB
+
+
+class BDataError(ValueError):
+    """User-facing error: message names the file, what is wrong, and the fix."""
+
+
+def _text(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+@dataclass
+class BData:
+    """In-memory BData: ``dataset`` (n_samples, n_columns) float64, ``metadata`` key ->
+    (description, values (n_columns,) float64 with NaN = not set), ``vmap`` key -> {value: label}."""
+    dataset: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    metadata: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+    vmap: dict[str, dict[float, str]] = field(default_factory=dict)
+
+    @property
+    def n_columns(self) -> int:
+        return self.dataset.shape[1]
+
+    def add(self, values: np.ndarray, key: str, description: str = "") -> None:
+        """Append columns ``values`` (n_samples, k) or (n_samples,) flagged 1 in metadata row ``key``."""
+        x = np.asarray(values, dtype=np.float64)
+        x = x[:, None] if x.ndim == 1 else x
+        if x.ndim != 2:
+            raise BDataError(f"BData.add({key!r}): values must be 1-D or 2-D, got shape {x.shape}")
+        n_old = self.n_columns
+        if n_old == 0 and self.dataset.shape[0] == 0:
+            self.dataset = x.copy()
+        elif x.shape[0] != self.dataset.shape[0]:
+            raise BDataError(f"BData.add({key!r}): {x.shape[0]} rows but the dataset has "
+                             f"{self.dataset.shape[0]} samples; pass one row per sample")
+        else:
+            self.dataset = np.hstack([self.dataset, x])
+        pad = np.full(x.shape[1], np.nan)
+        for k, (d, v) in self.metadata.items():
+            self.metadata[k] = (d, np.concatenate([v, pad]))
+        old = self.metadata.get(key, ("", np.full(n_old, np.nan)))[1][:n_old]
+        self.metadata[key] = (description or f"1 = {key}",
+                              np.concatenate([old, np.ones(x.shape[1])]))
+
+    def add_metadata(self, key: str, values: np.ndarray, description: str = "",
+                     where: str | None = None) -> None:
+        """Set metadata row ``key``: values (n_columns,), or values for the columns of block
+        ``where`` only (length = that block's width; NaN on the other columns)."""
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if where is not None:
+            mask = self.columns(where)
+            if v.size != mask.sum():
+                raise BDataError(f"BData.add_metadata({key!r}): {v.size} values for the "
+                                 f"{mask.sum()} columns of {where!r}; give one value per column")
+            row = np.full(self.n_columns, np.nan)
+            row[mask] = v
+            v = row
+        elif v.size != self.n_columns:
+            raise BDataError(f"BData.add_metadata({key!r}): {v.size} values for {self.n_columns} "
+                             "columns; give one value per column or use where=")
+        self.metadata[key] = (description, v)
+
+    def add_vmap(self, key: str, mapping: dict[float, str]) -> None:
+        """Labels for the numeric values of per-sample key ``key``; keeps the values present."""
+        new = {float(k): str(v) for k, v in mapping.items()}
+        old = self.vmap.get(key, {})
+        clash = [k for k in new if k in old and old[k] != new[k]]
+        if clash:
+            raise BDataError(f"BData.add_vmap({key!r}): labels for {clash[:5]} differ from the "
+                             "existing vmap; use consistent labels")
+        new.update(old)
+        used = np.unique(self.select(key))
+        used = [float(u) for u in used if not np.isnan(u)]
+        missing = [u for u in used if u not in new]
+        if missing:
+            raise BDataError(f"BData.add_vmap({key!r}): no label for values {missing[:5]}; "
+                             "give a label for every value in the data")
+        self.vmap[key] = {u: new[u] for u in used}
+
+    def columns(self, key: str) -> np.ndarray:
+        """Bool mask (n_columns,) of the columns where metadata[key] == 1."""
+        if key not in self.metadata:
+            raise BDataError(f"metadata key {key!r} not found; available: {sorted(self.metadata)}")
+        return self.metadata[key][1] == 1
+
+    def select(self, key: str) -> np.ndarray:
+        """dataset[:, columns(key)] -> (n_samples, k)."""
+        return self.dataset[:, self.columns(key)]
+
+
+def write_bdata(path, bdata: BData) -> None:
+    """Write ``bdata`` as a bdpy-compatible HDF5 file (readable by ``bdpy.BData(path)``)."""
+    keys = list(bdata.metadata)
+    values = (np.vstack([bdata.metadata[k][1] for k in keys]) if keys
+              else np.zeros((0, bdata.n_columns)))
+    with h5py.File(path, "w") as f:
+        f.create_dataset("dataset", data=np.asarray(bdata.dataset, dtype=np.float64))
+        f.create_dataset("metadata/key", data=[k.encode() for k in keys], dtype=_STR)
+        f.create_dataset("metadata/description",
+                         data=[bdata.metadata[k][0].encode() for k in keys], dtype=_STR)
+        f.create_dataset("metadata/value", data=values.astype(np.float64))
+        g = f.create_group("vmap")
+        for key, mapping in bdata.vmap.items():
+            sub = g.create_group(key)
+            for val, label in mapping.items():
+                sub.create_dataset(str(float(val)), data=label.encode(), dtype=_STR)
+
+
+def _open(path) -> tuple[Path, h5py.File]:
+    path = Path(path)
+    if not path.exists():
+        raise BDataError(f"{path}: no such file; check the path (and that the data were downloaded)")
+    if not path.is_file() or not h5py.is_hdf5(path):
+        raise BDataError(f"{path}: not an HDF5 file; BData files are HDF5 written by bdpy (.h5), "
+                         "convert .mat files with bdpy or pass the .h5 file")
+    return path, h5py.File(path, "r")
+
+
+def _parts(path: Path, f: h5py.File):
+    """(dataset h5py.Dataset, keys, descriptions, values (n_keys, n_columns), vmap)."""
+    ds = f.get("dataset", f.get("dataSet"))
+    md = f.get("metadata", f.get("metaData"))
+    if not isinstance(ds, h5py.Dataset) or not isinstance(md, h5py.Group) \
+            or not {"key", "value"} <= set(md):
+        raise BDataError(f"{path}: not a BData file (needs /dataset and /metadata/key, "
+                         f"/metadata/value; found {sorted(f)}); pass a file written by bdpy")
+    keys = [_text(k).strip() for k in np.ravel(md["key"][()])]
+    desc = ([_text(d) for d in np.ravel(md["description"][()])]
+            if "description" in md else [""] * len(keys))
+    vals = np.atleast_2d(np.asarray(md["value"][()], dtype=np.float64))
+    n_cols = ds.shape[1] if ds.ndim == 2 else 0
+    if vals.shape != (len(keys), n_cols) and vals.T.shape == (len(keys), n_cols):
+        vals = vals.T  # written column-major (e.g. by MATLAB)
+    if ds.ndim != 2 or vals.shape != (len(keys), n_cols):
+        raise BDataError(f"{path}: inconsistent BData: dataset {ds.shape}, {len(keys)} metadata "
+                         f"keys, metadata values {vals.shape}; rewrite the file with bdpy")
+    vmap = {k: {float(v): _text(d[()]) for v, d in g.items()}
+            for k, g in f.get("vmap", {}).items()}
+    return ds, keys, desc, vals, vmap
+
+
+def read_bdata(path) -> BData:
+    """Read a whole BData file (``dataset``/``metadata`` or ``dataSet``/``metaData`` names)."""
+    path, f = _open(path)
+    with f:
+        ds, keys, desc, vals, vmap = _parts(path, f)
+        return BData(np.asarray(ds[()], dtype=np.float64),
+                     {k: (d, v.copy()) for k, d, v in zip(keys, desc, vals)}, vmap)
+
+
+def _read_columns(ds: h5py.Dataset, idx: np.ndarray) -> np.ndarray:
+    """ds[:, idx] as float32 for sorted column indices, in row blocks of the bounding column range."""
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    n = ds.shape[0]
+    out = np.empty((n, idx.size), dtype=np.float32)
+    rows = max(1, _ROW_BLOCK_BYTES // (8 * (hi - lo)))
+    if ds.chunks:
+        rows = max(ds.chunks[0], rows // ds.chunks[0] * ds.chunks[0])
+    rel, contiguous = idx - lo, hi - lo == idx.size
+    for r in range(0, n, rows):
+        block = ds[r:r + rows, lo:hi]
+        out[r:r + rows] = block if contiguous else block[:, rel]
+    return out
+
+
+def stimulus_id_to_name(x: float) -> str:
+    """ImageNet float id -> name: 1518878.005958 -> "n01518878_5958" (fraction * 1e6 = image id)."""
+    if not np.isfinite(x) or x < 0:
+        raise BDataError(f"stimulus id {x!r} is not a non-negative number; cannot make an image name")
+    wnid = int(np.floor(x))
+    return f"n{wnid:08d}_{int(round((x - wnid) * 1e6))}"
+
+
+def name_to_stimulus_id(name: str) -> float:
+    """ImageNet name -> float id: "n01518878_5958" -> 1518878.005958."""
+    m = re.fullmatch(r"n(\d{8})_(\d{1,6})", name)
+    if not m:
+        raise BDataError(f"stimulus name {name!r} is not ImageNet-style 'nXXXXXXXX_N' (N < 1e6); "
+                         "use a vmap for other labels")
+    return float(f"{int(m.group(1))}.{int(m.group(2)):06d}")
+
+
+@dataclass
+class FmriData:
+    """Voxel responses of one ROI: ``X`` (n_samples, n_voxels) float32, ``labels`` (n_samples,),
+    ``runs`` (n_samples,) int, ``voxel_xyz`` (n_voxels, 3) float (NaN if absent)."""
+    X: np.ndarray
+    labels: list[str]
+    runs: np.ndarray
+    voxel_xyz: np.ndarray
+    roi: str
+    path: Path
+
+    def average_by_label(self) -> tuple[np.ndarray, list[str]]:
+        """Trials averaged per label -> ((n_labels, n_voxels), labels in order of first appearance)."""
+        order = list(dict.fromkeys(self.labels))
+        pos = {lab: i for i, lab in enumerate(order)}
+        inv = np.array([pos[lab] for lab in self.labels], dtype=np.intp)
+        sums = np.zeros((len(order), self.X.shape[1]), dtype=np.float64)
+        np.add.at(sums, inv, self.X)
+        return (sums / np.bincount(inv, minlength=len(order))[:, None]).astype(self.X.dtype), order
+
+
+def _labels(path, ds, keys, vals, vmap) -> list[str]:
+    def column(key, pos=0):
+        cols = np.flatnonzero(vals[keys.index(key)] == 1)
+        return None if cols.size <= pos else ds[:, int(cols[pos])]
+
+    for key, pos in (("stimulus_name", 0), ("stimulus_id", 0), ("Label", 1)):
+        v = column(key, pos) if key in keys else None
+        if v is None:
+            continue
+        m = vmap.get(key, {})
+        missing = sorted({float(x) for x in v[np.isfinite(v)]} - set(m))
+        if m and not missing:
+            return [m[float(x)] if np.isfinite(x) else "n/a" for x in v]
+        if m and key == "stimulus_name":
+            raise BDataError(f"{path}: values {missing[:5]} of {key!r} have no label in "
+                             f"/vmap/{key}; add them to the vmap (bdpy add_vmap)")
+        if key != "stimulus_name":
+            return [stimulus_id_to_name(float(x)) if np.isfinite(x) else "n/a" for x in v]
+    raise BDataError(f"{path}: no stimulus labels found (looked for 'stimulus_name' with a vmap, "
+                     f"'stimulus_id', 'Label'); keys present: {keys}; add a stimulus_name column")
+
+
+def read_fmri(path, roi: str = "ROI_VC") -> FmriData:
+    """Voxel responses of ``roi`` ("ROI_VC", "VC", or a union "ROI_V1+ROI_V2"), stimulus labels and
+    runs, reading only the needed columns of /dataset."""
+    path, f = _open(path)
+    with f:
+        ds, keys, _, vals, vmap = _parts(path, f)
+        rois = [k for k in keys if k.startswith("ROI_")]
+        names, mask = [], np.zeros(vals.shape[1], dtype=bool)
+        for part in (p.strip() for p in roi.split("+")):
+            name = part if part in keys else f"ROI_{part}"
+            if name not in keys:
+                raise BDataError(f"{path}: unknown ROI {part!r}; available ROIs: {rois}; "
+                                 "pass one of them (or a union like ROI_V1+ROI_V2)")
+            names.append(name)
+            mask |= vals[keys.index(name)] == 1
+        if "VoxelData" in keys:
+            mask &= vals[keys.index("VoxelData")] == 1
+        idx = np.flatnonzero(mask)
+        roi_name = "+".join(names)
+        if idx.size == 0:
+            raise BDataError(f"{path}: ROI {roi_name} has no voxel columns; choose another ROI "
+                             f"from {rois}")
+        labels = _labels(path, ds, keys, vals, vmap)
+        X = _read_columns(ds, idx)
+        bad = ~np.isfinite(X)
+        if bad.any():
+            raise BDataError(f"{path}: ROI {roi_name} has NaN/inf values in {bad.any(1).sum()} of "
+                             f"{X.shape[0]} samples and {bad.any(0).sum()} of {X.shape[1]} voxels; "
+                             "remove those voxels (drop columns with non-finite values) or use "
+                             "another ROI")
+        runs = np.zeros(X.shape[0], dtype=np.int64)
+        if "Run" in keys and (vals[keys.index("Run")] == 1).any():
+            runs = np.nan_to_num(ds[:, int(np.flatnonzero(vals[keys.index("Run")] == 1)[0])])
+            runs = runs.astype(np.int64)
+        xyz = np.stack([vals[keys.index(k)][idx] if k in keys else np.full(idx.size, np.nan)
+                        for k in ("voxel_x", "voxel_y", "voxel_z")], axis=1)
+    return FmriData(X, labels, runs, xyz, roi_name, path)
+
+
+def roi_keys(path) -> list[str]:
+    """Names of the ROI metadata keys (``ROI_*``) of a BData file, in file order."""
+    path, f = _open(path)
+    with f:
+        _, keys, _, _, _ = _parts(path, f)
+    return [k for k in keys if k.startswith("ROI_")]

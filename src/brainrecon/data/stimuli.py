@@ -1,0 +1,143 @@
+"""Stimulus sets: natural images from scikit-image, the paper's shapes and letters, image folders.
+
+Images are ``(n, 3, H, W)`` float32 RGB in [0, 1] (the package-wide convention).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+BACKGROUND = 0.5  # mid grey, the background of the artificial stimuli
+
+SHAPE_COLOURS = {
+    "red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "cyan": (0, 1, 1),
+    "magenta": (1, 0, 1), "yellow": (1, 1, 0), "white": (1, 1, 1), "black": (0, 0, 0),
+}
+SHAPES = ("square", "small_frame", "large_frame", "plus", "cross")
+LETTERS = tuple("ACEINORSTU")
+
+
+@dataclass
+class StimulusSet:
+    """Named images: ``images`` (n, 3, H, W) float32 in [0, 1], ``labels`` (n,)."""
+    name: str
+    labels: list[str]
+    images: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _shape_mask(shape: str, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of one of the paper's five shapes."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    c = size / 2
+    dx, dy = np.abs(xx - c), np.abs(yy - c)
+    half, bar = 0.3 * size, 0.075 * size
+    if shape == "square":
+        return (dx < half) & (dy < half)
+    if shape == "small_frame":
+        h = 0.2 * size
+        return (np.maximum(dx, dy) < h) & (np.maximum(dx, dy) >= h - bar)
+    if shape == "large_frame":
+        h = 0.4 * size
+        return (np.maximum(dx, dy) < h) & (np.maximum(dx, dy) >= h - bar)
+    if shape == "plus":
+        return ((dx < bar) & (dy < half + bar)) | ((dy < bar) & (dx < half + bar))
+    if shape == "cross":
+        u, v = (xx - c + yy - c) / np.sqrt(2), (xx - c - (yy - c)) / np.sqrt(2)
+        return ((np.abs(u) < bar) & (np.abs(v) < half + bar)) | ((np.abs(v) < bar) & (np.abs(u) < half + bar))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def shapes(size: int) -> StimulusSet:
+    """The 40 artificial shapes (5 shapes x 8 colours) on mid grey, labels ``<shape>_<colour>``."""
+    labels, images = [], []
+    for shape in SHAPES:
+        mask = _shape_mask(shape, size)
+        for colour, rgb in SHAPE_COLOURS.items():
+            img = np.full((3, size, size), BACKGROUND, np.float32)
+            for ch in range(3):
+                img[ch][mask] = rgb[ch]
+            labels.append(f"{shape}_{colour}")
+            images.append(img)
+    return StimulusSet("shapes", labels, np.stack(images))
+
+
+def letters(size: int) -> StimulusSet:
+    """The 10 black letters A C E I N O R S T U on mid grey, labels ``letter_<X>``."""
+    big = 4 * size  # draw large, then downsample with antialiasing
+    font = ImageFont.load_default(size=int(0.8 * big))
+    images = []
+    for letter in LETTERS:
+        canvas = Image.new("L", (big, big), int(BACKGROUND * 255))
+        draw = ImageDraw.Draw(canvas)
+        left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
+        draw.text(((big - (right - left)) / 2 - left, (big - (bottom - top)) / 2 - top), letter, fill=0, font=font,
+                  stroke_width=big // 40, stroke_fill=0)
+        grey = np.asarray(canvas.resize((size, size), Image.LANCZOS), np.float32) / 255.0
+        images.append(np.repeat(grey[None], 3, axis=0))
+    return StimulusSet("letters", [f"letter_{c}" for c in LETTERS], np.stack(images))
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) float [0, 1] -> (3, size, size) float32 with antialiasing."""
+    pil = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+    return np.asarray(pil.resize((size, size), Image.LANCZOS), np.float32).transpose(2, 0, 1) / 255.0
+
+
+def to_rgb(array: np.ndarray) -> np.ndarray:
+    """Any skimage/PIL array (grey, bool, RGBA, uint8, float) -> (H, W, 3) float32 in [0, 1]."""
+    a = np.asarray(array)
+    if a.dtype == bool:
+        a = a.astype(np.float32)
+    elif a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    else:
+        a = a.astype(np.float32)
+        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """An image file -> (3, size, size) float32 RGB; grey, palette and CMYK images are converted."""
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    w, h = rgb.size
+    side = min(w, h)  # centre square crop, as the paper's stimuli are square
+    rgb = rgb.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    return np.asarray(rgb.resize((size, size), Image.LANCZOS), np.float32).transpose(2, 0, 1) / 255.0
+
+
+def find_images(directory: Path, labels: list[str]) -> dict[str, Path]:
+    """Map each label to ``directory/<label>.<ext>`` (any common extension, any case).
+
+    Raises ``FileNotFoundError`` naming the labels that have no image.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image folder {directory} does not exist; pass the folder that holds the stimulus images")
+    by_stem: dict[str, Path] = {}
+    for p in sorted(directory.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            by_stem.setdefault(p.stem, p)
+    missing = [lab for lab in dict.fromkeys(labels) if lab not in by_stem]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} stimulus label(s) have no image in {directory}: {shown}. "
+            f"Each label needs a file named <label>.png/.jpg/.JPEG/... (searched {len(by_stem)} images, "
+            "subfolders included).")
+    return {lab: by_stem[lab] for lab in labels}
+
+
+def load_stimulus_set(name: str, directory: Path, labels: list[str], size: int) -> StimulusSet:
+    """Load the images of ``labels`` (unique, in order) from ``directory``."""
+    paths = find_images(directory, labels)
+    return StimulusSet(name, list(labels), np.stack([load_image(paths[lab], size) for lab in labels]))

@@ -1,0 +1,106 @@
+"""Kernel (dual) ridge decoders from voxels to DNN units.
+
+All units share the voxel kernel, so the solve is done once: for test samples
+``decoded = mean + B @ (Y_train - mean)`` with ``B = X_test X^T (X X^T + alpha I)^-1`` (n_test, n_train).
+No (n_voxels, n_units) weight matrix is ever formed; units are processed in chunks.
+
+The ridge penalty is chosen per layer by leave-one-group-out cross-validation from a single SVD of
+the training voxels, grouping the repeated presentations of an image (leaving out one presentation
+while keeping the others would leak the image and favour too small a penalty).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_ALPHAS = np.logspace(0, 6, 25)
+
+
+def zscore_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and SDs (ddof=1) of X (n, p); constant columns get SD 1."""
+    mean = X.mean(0)
+    sd = X.std(0, ddof=1)
+    sd[~(sd > 0)] = 1.0
+    return mean, sd
+
+
+class KernelRidgeDecoder:
+    """Ridge regression in kernel form shared by all units, one penalty per target group (layer).
+
+    ``fit(X, image_index)``: X (n_samples, n_voxels) training fMRI; ``image_index`` (n_samples,) the
+    training image shown in each sample (targets are given per image, (n_images, n_units)).
+    """
+
+    def __init__(self, alphas: np.ndarray = DEFAULT_ALPHAS):
+        self.alphas = np.asarray(alphas, dtype=np.float64)
+
+    def fit(self, X: np.ndarray, image_index: np.ndarray) -> "KernelRidgeDecoder":
+        X = np.asarray(X, dtype=np.float64)
+        self.mean_, self.sd_ = zscore_fit(X)
+        self.Xz_ = (X - self.mean_) / self.sd_                                 # (n, v)
+        self.image_index_ = np.asarray(image_index)
+        self.n_images_ = int(self.image_index_.max()) + 1
+        U, s, _ = np.linalg.svd(self.Xz_, full_matrices=False)               # K = U diag(s^2) U^T
+        keep = s > s[0] * 1e-10
+        self.U_, self.eig_ = U[:, keep], s[keep] ** 2
+        counts = np.bincount(self.image_index_, minlength=self.n_images_)
+        if (counts == 0).any():
+            raise ValueError("every training image must be shown at least once")
+        self.counts_ = counts
+        return self
+
+    def _expand(self, Y_images: np.ndarray) -> np.ndarray:
+        return Y_images[self.image_index_]
+
+    def cv_scores(self, Y_images: np.ndarray) -> np.ndarray:
+        """Leave-one-image-out R^2 (averaged over units) for each alpha; Y_images (n_images, k)."""
+        Y = self._expand(np.asarray(Y_images, dtype=np.float64))
+        Y = Y - Y.mean(0)
+        Y /= np.maximum(Y.std(0), 1e-12)
+        UtY = self.U_.T @ Y
+        groups = [np.flatnonzero(self.image_index_ == i) for i in range(self.n_images_)]
+        by_size: dict[int, list[np.ndarray]] = {}
+        for g in groups:
+            by_size.setdefault(len(g), []).append(g)
+        scores = []
+        for alpha in self.alphas:
+            d = 1.0 / (self.eig_ + alpha) - 1.0 / alpha                        # G = I/alpha + U diag(d) U^T
+            GY = Y / alpha + self.U_ @ (d[:, None] * UtY)
+            sse = 0.0
+            for m, gs in by_size.items():
+                idx = np.stack(gs)                                             # (n_groups, m)
+                Ug = self.U_[idx]                                              # (n_groups, m, r)
+                blocks = np.einsum("gmr,r,gnr->gmn", Ug, d, Ug) + np.eye(m) / alpha
+                resid = np.linalg.solve(blocks, GY[idx])                       # (n_groups, m, k)
+                sse += (resid ** 2).sum(axis=(0, 1))
+            scores.append(float(np.mean(1.0 - sse / len(Y))))
+        return np.array(scores)
+
+    def choose_alpha(self, Y_images: np.ndarray) -> tuple[float, np.ndarray]:
+        """Best alpha and the CV score per alpha, from targets (n_images, k) (a sample of units)."""
+        scores = self.cv_scores(Y_images)
+        return float(self.alphas[int(np.argmax(scores))]), scores
+
+    def test_weights(self, X_test: np.ndarray, alpha: float) -> np.ndarray:
+        """B (n_test, n_images) such that decoded = mean + B @ (Y_images - mean)."""
+        Xt = (np.asarray(X_test, dtype=np.float64) - self.mean_) / self.sd_
+        Kt = Xt @ self.Xz_.T                                                   # (n_test, n)
+        d = 1.0 / (self.eig_ + alpha) - 1.0 / alpha
+        A = Kt / alpha + ((Kt @ self.U_) * d) @ self.U_.T                      # Kt G
+        B = np.zeros((len(Xt), self.n_images_))
+        np.add.at(B.T, self.image_index_, A.T)
+        return B
+
+    def target_mean(self, Y_images: np.ndarray) -> np.ndarray:
+        """Mean over training samples (images weighted by their presentation count)."""
+        w = self.counts_ / self.counts_.sum()
+        return w @ Y_images
+
+    def predict(self, B: np.ndarray, Y_images: np.ndarray, chunk: int = 65536) -> np.ndarray:
+        """Decoded units (n_test, k) from test weights ``B`` and training targets (n_images, k), chunked."""
+        out = np.empty((B.shape[0], Y_images.shape[1]), dtype=np.float32)
+        B32 = B.astype(np.float32)
+        for s in range(0, Y_images.shape[1], chunk):
+            Y = np.asarray(Y_images[:, s:s + chunk], dtype=np.float32)
+            mu = self.target_mean(Y).astype(np.float32)
+            out[:, s:s + chunk] = mu + B32 @ (Y - mu)
+        return out

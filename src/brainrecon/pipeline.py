@@ -1,0 +1,260 @@
+"""The stages wired together: fMRI + images -> features -> decoders -> reconstructions -> metrics -> report.
+
+``run_pipeline`` is what ``brainrecon run`` and ``brainrecon demo`` call. Everything a run makes goes
+to its output folder; finished stages (feature cache, decoded features, reconstructions) are
+reused when the run is repeated with the same configuration, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from . import __version__
+from .data.bdata import FmriData, read_fmri, roi_keys
+from .data.stimuli import load_stimulus_set
+from .decode.rescale import channel_sd, rescale_decoded
+from .decode.ridge import DEFAULT_ALPHAS, KernelRidgeDecoder
+from .evaluate.decoding import decoding_accuracy
+from .evaluate.identification import pairwise_identification
+from .evaluate.reliability import test_retest
+from .nets import load_network
+from .nets.features import cache_features, extract_features
+from .recon.icnn import ReconConfig, display_normalise, reconstruct
+
+
+class PipelineError(RuntimeError):
+    """A problem with the user's inputs; the message says which file and what to do."""
+
+
+class PipelineConfig(BaseModel):
+    """Everything that decides a run's result."""
+    network: str = "hed-vgg16"
+    image_size: int = 224
+    layers: list[str] | None = None          # None: every conv layer of the network
+    roi: str = "ROI_VC"
+    alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist())
+    alpha_sample_units: int = 2000           # units per layer used to choose its penalty
+    recon: ReconConfig = ReconConfig()
+    true_feature_recon: bool = True          # also reconstruct from the true features (upper bound)
+    seed: int = 0
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+class Log:
+    """Progress lines with elapsed time."""
+
+    def __init__(self, quiet: bool = False):
+        self.t0 = time.time()
+        self.quiet = quiet
+        self.times: dict[str, float] = {}
+        self._stage, self._stage_t = None, self.t0
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+    def stage(self, name: str) -> None:
+        now = time.time()
+        if self._stage:
+            self.times[self._stage] = round(now - self._stage_t, 2)
+        self._stage, self._stage_t = name, now
+        if name:
+            self(f"== {name}")
+
+
+@dataclass
+class TestSet:
+    name: str
+    path: Path
+    fmri: FmriData
+    labels: list[str]          # unique labels, in order of first appearance
+    X: np.ndarray              # (n_labels, n_voxels) trial-averaged
+    n_presentations: float
+    images: np.ndarray = field(default=None)  # (n_labels, 3, S, S)
+
+
+def _check_fmri(fmri: FmriData) -> None:
+    bad = ~np.isfinite(fmri.X)
+    if bad.any():
+        raise PipelineError(f"{fmri.path}: {int(bad.any(0).sum())} voxel(s) of {fmri.roi} hold NaN or inf values; "
+                            "remove those voxels from the file or choose another ROI with --roi")
+
+
+def load_inputs(train_path: Path, tests: dict[str, Path], images_dir: Path, config: PipelineConfig,
+                log: Log) -> tuple[FmriData, np.ndarray, list[str], np.ndarray, list[TestSet]]:
+    """Read and check everything: (train fMRI, train image index per sample, train labels, train images, test sets)."""
+    train = read_fmri(train_path, config.roi)
+    _check_fmri(train)
+    train_labels = list(dict.fromkeys(train.labels))
+    index = {lab: i for i, lab in enumerate(train_labels)}
+    image_index = np.array([index[lab] for lab in train.labels])
+    sets = []
+    for name, path in tests.items():
+        fmri = read_fmri(path, config.roi)
+        _check_fmri(fmri)
+        if fmri.X.shape[1] != train.X.shape[1]:
+            raise PipelineError(
+                f"{path} has {fmri.X.shape[1]} voxels in {config.roi} but the training file {train_path} has "
+                f"{train.X.shape[1]}: train and test files must come from the same subject and preprocessing")
+        if np.isfinite(fmri.voxel_xyz).all() and np.isfinite(train.voxel_xyz).all() \
+                and not np.allclose(fmri.voxel_xyz, train.voxel_xyz):
+            raise PipelineError(f"{path}: the voxel coordinates of {config.roi} differ from those of {train_path}; "
+                                "train and test files must list the same voxels in the same order")
+        X, labels = fmri.average_by_label()
+        sets.append(TestSet(name, Path(path), fmri, labels, X, len(fmri.labels) / len(labels)))
+    log(f"train: {len(train.labels)} samples of {len(train_labels)} images, {train.X.shape[1]} voxels ({config.roi})")
+    for s in sets:
+        log(f"test '{s.name}': {len(s.labels)} images x {s.n_presentations:g} presentations")
+    try:
+        train_images = load_stimulus_set("train", images_dir, train_labels, config.image_size).images
+        for s in sets:
+            s.images = load_stimulus_set(s.name, images_dir, s.labels, config.image_size).images
+    except FileNotFoundError as err:
+        raise PipelineError(str(err)) from err
+    return train, image_index, train_labels, train_images, sets
+
+
+def reliability_by_roi(path: Path, fmri: FmriData) -> dict[str, float]:
+    """Median single-presentation test-retest r per ROI of a test file (and of the analysed ROI)."""
+    out = {}
+    for key in roi_keys(path):
+        sub = read_fmri(path, key)
+        r = test_retest(sub.X, sub.labels)
+        if np.isfinite(r).any():
+            out[key] = float(np.nanmedian(r))
+    r = test_retest(fmri.X, fmri.labels)
+    if np.isfinite(r).any():
+        out[f"{fmri.roi} (analysed)"] = float(np.nanmedian(r))
+    return out
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.clip(image, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+
+
+def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out: Path,
+                 config: PipelineConfig | None = None, log: Log | None = None, extra: dict | None = None) -> dict:
+    """Run every stage; writes ``out/metrics.json``, ``out/report.html``, ``out/recon/<set>/<label>.png``.
+
+    Returns the metrics dictionary.
+    """
+    from .report.html import write_report
+
+    config = config or PipelineConfig()
+    log = log or Log()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    digest = config.digest()
+    cache = out / "cache" / digest
+    cache.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.model_dump_json(indent=2))
+
+    log.stage("loading fMRI and images")
+    train, image_index, train_labels, train_images, sets = load_inputs(train_path, tests, images_dir, config, log)
+    network = load_network(config.network)
+    layers = config.layers or network.layer_names
+    shapes = network.unit_shapes(config.image_size)
+
+    log.stage(f"features of {len(train_images)} training images ({len(layers)} layers, {config.image_size} px)")
+    feat_path = cache_features(network, train_images, layers, cache / "train_features.h5",
+                               progress=lambda i, n: log(f"  features {i}/{n}") if i == n else None)
+
+    log.stage("fitting decoders")
+    decoder = KernelRidgeDecoder(np.array(config.alphas)).fit(train.X, image_index)
+    rng = np.random.default_rng(config.seed)
+    test_X = {s.name: s.X for s in sets}
+    true_feats = {s.name: extract_features(network, s.images, layers) for s in sets}
+    decoded = {s.name: {} for s in sets}
+    decoding = {s.name: {} for s in sets}
+    alphas = {}
+    decoded_path = cache / "decoded.npz"
+    with h5py.File(feat_path, "r") as f:
+        for layer in layers:
+            Y = f[layer][...]                                                  # (n_images, units)
+            sample = rng.choice(Y.shape[1], min(config.alpha_sample_units, Y.shape[1]), replace=False)
+            alpha, scores = decoder.choose_alpha(Y[:, np.sort(sample)])
+            alphas[layer] = {"alpha": alpha, "cv_r2": float(scores.max())}
+            if alpha in (config.alphas[0], config.alphas[-1]):
+                log(f"  warning: {layer} penalty {alpha:g} is at the edge of the search grid")
+            mean = decoder.target_mean(Y)
+            sd = np.sqrt(np.maximum(decoder.target_mean(Y ** 2) - mean ** 2, 0)) * np.sqrt(
+                len(image_index) / max(len(image_index) - 1, 1))
+            true_sd = float(channel_sd(Y.reshape(len(Y), *shapes[layer])).mean())
+            for s in sets:
+                B = decoder.test_weights(test_X[s.name], alpha)
+                pred = decoder.predict(B, Y)
+                decoding[s.name][layer] = decoding_accuracy(pred, true_feats[s.name][layer].reshape(len(pred), -1),
+                                                            mean, sd)
+                decoded[s.name][layer] = rescale_decoded(pred.reshape(len(pred), *shapes[layer]),
+                                                         mean.reshape(shapes[layer]), true_sd)
+            log(f"  {layer}: alpha {alpha:g} (CV R2 {scores.max():.3f}), profile r " +
+                ", ".join(f"{k} {v[layer]['profile_correlation']:.3f}" for k, v in decoding.items()))
+            del Y
+
+    metrics: dict = {}
+    recon_images: dict[str, dict[str, np.ndarray]] = {}
+    for s in sets:
+        kinds = {"decoded": decoded[s.name]}
+        if config.true_feature_recon:
+            kinds["true"] = true_feats[s.name]
+        recon_images[s.name] = {}
+        for kind, targets in kinds.items():
+            log.stage(f"reconstructing '{s.name}' from {kind} features ({len(s.labels)} images, "
+                      f"{config.recon.iterations} iterations)")
+            npy = cache / f"recon_{s.name}_{kind}.npy"
+            if npy.exists():
+                images = np.load(npy)
+                log("  reused finished reconstructions")
+            else:
+                t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
+                raw, _ = reconstruct(t, network, config.image_size, config.recon,
+                                     progress=lambda i, n: log(f"  {i}/{n} images"))
+                images = display_normalise(raw.numpy())
+                np.save(npy, images)
+            recon_images[s.name][kind] = images
+            folder = out / "recon" / s.name if kind == "decoded" else out / "recon_true_features" / s.name
+            for lab, img in zip(s.labels, images):
+                _save_png(img, folder / f"{lab}.png")
+
+        log.stage(f"evaluating '{s.name}'")
+        ident = pairwise_identification(recon_images[s.name]["decoded"], s.images)
+        entry = {
+            "pixel_identification": float(ident.mean()),
+            "n_images": len(s.labels),
+            "n_presentations": s.n_presentations,
+            "feature_decoding": decoding[s.name],
+            "per_image_pixel_identification": dict(zip(s.labels, map(float, ident))),
+            "test_retest_median_r": reliability_by_roi(s.path, s.fmri),
+        }
+        if config.true_feature_recon:
+            entry["pixel_identification_true_features"] = float(
+                pairwise_identification(recon_images[s.name]["true"], s.images).mean())
+        metrics[s.name] = entry
+        log(f"  pixel identification {entry['pixel_identification']:.3f}" +
+            (f" (true features {entry['pixel_identification_true_features']:.3f})" if config.true_feature_recon else ""))
+    log.stage("")
+
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    run_info = {"brainrecon": __version__, "config_digest": digest, "train": str(train_path),
+                "tests": {k: str(v) for k, v in tests.items()}, "images": str(images_dir),
+                "n_voxels": int(train.X.shape[1]), "n_train_samples": len(train.labels),
+                "n_train_images": len(train_labels), "alphas": alphas, "stage_seconds": log.times,
+                "total_seconds": round(time.time() - log.t0, 1), **(extra or {})}
+    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    write_report(out / "report.html", metrics, run_info, config,
+                 {s.name: (s.labels, s.images, recon_images[s.name]) for s in sets})
+    log(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")
+    return metrics

@@ -1,0 +1,141 @@
+"""A self-contained HTML report (images embedded as base64 PNG)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+.sub{color:#666} table{border-collapse:collapse;margin:.8em 0} td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f5f5f5} td:first-child,th:first-child{text-align:left}
+.grid{display:grid;gap:2px;align-items:center} .grid img{width:100%;image-rendering:pixelated;display:block}
+.rowlabel{font-size:.75em;color:#555;writing-mode:vertical-rl;transform:rotate(180deg);text-align:center}
+.big{font-size:1.3em;font-weight:600} .card{display:inline-block;border:1px solid #ddd;border-radius:6px;padding:.6em 1em;margin:.3em}
+details{margin:.8em 0} pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.8em}
+"""
+
+
+def png_data_uri(image: np.ndarray, scale: int = 1) -> str:
+    """(3, H, W) float [0, 1] -> ``data:image/png;base64,...``."""
+    pil = Image.fromarray((np.clip(image, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8))
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def figure_data_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_grid(rows: list[tuple[str, np.ndarray]], labels: list[str], per_row: int = 10) -> str:
+    """Blocks of ``per_row`` columns; in each block one row per (name, images (n, 3, H, W))."""
+    parts = []
+    n = len(labels)
+    for s in range(0, n, per_row):
+        cols = min(per_row, n - s)
+        cells = []
+        for name, images in rows:
+            cells.append(f'<div class="rowlabel">{html.escape(name)}</div>')
+            for i in range(s, s + cols):
+                cells.append(f'<img src="{png_data_uri(images[i])}" title="{html.escape(labels[i])}">')
+        parts.append(f'<div class="grid" style="grid-template-columns:1.2em repeat({cols},1fr);'
+                     f'max-width:{cols * 110}px;margin-bottom:10px">{"".join(cells)}</div>')
+    return "".join(parts)
+
+
+def decoding_figure(metrics: dict) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    keys = ("profile_correlation", "pattern_correlation", "feature_identification")
+    for ax, key in zip(axes, keys):
+        for name, m in metrics.items():
+            layers = list(m["feature_decoding"])
+            ax.plot(range(len(layers)), [m["feature_decoding"][k][key] for k in layers], "o-", label=name, ms=4)
+        ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=8)
+        ax.set_title(key.replace("_", " "))
+        ax.axhline(0.5 if key == "feature_identification" else 0.0, color="#999", lw=0.8, ls="--")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    uri = figure_data_uri(fig)
+    plt.close(fig)
+    return uri
+
+
+def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) -> None:
+    """``sets``: {name: (labels, stimuli (n, 3, H, W), {"decoded": images, "true": images})}."""
+    summary = ["<table><tr><th>test set</th><th>images</th><th>presentations</th>"
+               "<th>pixel identification (decoded)</th><th>pixel identification (true features)</th></tr>"]
+    for name, m in metrics.items():
+        true = m.get("pixel_identification_true_features")
+        summary.append(f"<tr><td>{html.escape(name)}</td><td>{m['n_images']}</td><td>{m['n_presentations']:g}</td>"
+                       f"<td class='big'>{m['pixel_identification']:.1%}</td>"
+                       f"<td>{'' if true is None else f'{true:.1%}'}</td></tr>")
+    summary.append("</table><p class='sub'>Pairwise identification by pixel correlation: the fraction of "
+                   "other test images that the reconstruction resembles less than its own stimulus (chance 50%). "
+                   "Reconstructions from the true features of each image bound what the reconstruction stage can "
+                   "reach; the gap to the decoded row is lost in decoding.</p>")
+
+    sections = []
+    for name, (labels, stimuli, recons) in sets.items():
+        m = metrics[name]
+        rows = [("stimulus", stimuli), ("from fMRI", recons["decoded"])]
+        if "true" in recons:
+            rows.append(("true features", recons["true"]))
+        rel = m.get("test_retest_median_r", {})
+        rel_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in rel.items())
+        true = m.get("pixel_identification_true_features")
+        sections.append(
+            f"<h2>{html.escape(name)}</h2>"
+            f"<div class='card'>pixel identification<br><span class='big'>{m['pixel_identification']:.1%}</span></div>"
+            + (f"<div class='card'>from true features<br><span class='big'>{true:.1%}</span></div>" if true is not None else "")
+            + f"<div class='card'>{m['n_images']} images x {m['n_presentations']:g} presentations</div>"
+            + image_grid(rows, labels)
+            + (f"<details><summary>Voxel test-retest reliability (median single-presentation r per ROI)</summary>"
+               f"<table><tr><th>ROI</th><th>median r</th></tr>{rel_rows}</table></details>" if rel else ""))
+
+    layer_rows = []
+    names = list(metrics)
+    layers = list(next(iter(metrics.values()))["feature_decoding"]) if metrics else []
+    for layer in layers:
+        cells = "".join(f"<td>{metrics[n]['feature_decoding'][layer]['profile_correlation']:.3f}</td>"
+                        f"<td>{metrics[n]['feature_decoding'][layer]['pattern_correlation']:.3f}</td>"
+                        f"<td>{metrics[n]['feature_decoding'][layer]['feature_identification']:.1%}</td>" for n in names)
+        alpha = run_info.get("alphas", {}).get(layer, {}).get("alpha")
+        layer_rows.append(f"<tr><td>{layer}</td><td>{'' if alpha is None else f'{alpha:g}'}</td>{cells}</tr>")
+    head = "".join(f"<th>{html.escape(n)} profile r</th><th>{html.escape(n)} pattern r</th>"
+                   f"<th>{html.escape(n)} identification</th>" for n in names)
+    decoding_html = (f"<h2>Feature decoding accuracy per layer</h2><img src='{decoding_figure(metrics)}' style='width:100%'>"
+                     f"<details><summary>Table</summary><table><tr><th>layer</th><th>ridge alpha</th>{head}</tr>"
+                     f"{''.join(layer_rows)}</table></details>") if metrics else ""
+
+    times = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in run_info.get("stage_seconds", {}).items())
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>brainrecon report</title><style>{CSS}</style></head><body>
+<h1>Deep image reconstruction from fMRI</h1>
+<p class="sub">brainrecon {html.escape(str(run_info.get('brainrecon', '')))} &middot; network {html.escape(config.network)}
+&middot; {config.image_size} px &middot; ROI {html.escape(config.roi)} &middot; {run_info.get('n_voxels', '?')} voxels
+&middot; {run_info.get('n_train_samples', '?')} training samples of {run_info.get('n_train_images', '?')} images
+&middot; {config.recon.iterations} iterations &middot; total {run_info.get('total_seconds', 0):.0f} s</p>
+{''.join(summary)}
+{''.join(sections)}
+{decoding_html}
+<h2>Run</h2><table><tr><th>stage</th><th>time</th></tr>{times}</table>
+<details><summary>Configuration and run details</summary><pre>{html.escape(config.model_dump_json(indent=2))}
+
+{html.escape(json.dumps(run_info, indent=2))}</pre></details>
+</body></html>"""
+    Path(path).write_text(doc)

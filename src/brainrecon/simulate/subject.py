@@ -1,0 +1,109 @@
+"""Simulate a subject of the deep image reconstruction experiment and write it like the real data.
+
+Output folder::
+
+    train.h5                 training fMRI (n_train_images x train_reps samples), BData
+    test_natural.h5          held-out natural images x natural_reps
+    test_shapes.h5           40 shapes x shapes_reps
+    test_letters.h5          10 letters x letters_reps
+    images/<label>.png       every stimulus, labels as in the files' stimulus_name
+    simulation.json          the configuration used
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel
+
+from ..data.bdata import BData, write_bdata
+from ..data.natural import natural_images
+from ..data.stimuli import StimulusSet, letters, shapes
+from .cortex import CortexConfig, SyntheticCortex
+
+
+class SubjectConfig(BaseModel):
+    """What to simulate. Presentation counts default to the paper's."""
+    seed: int = 0
+    n_train_images: int = 1200
+    n_test_natural: int = 50
+    train_reps: int = 5
+    natural_reps: int = 24
+    shapes_reps: int = 20
+    letters_reps: int = 12
+    stimulus_size: int = 128   # pixels of the saved stimulus images
+    images_per_run: int = 50
+    cortex: CortexConfig = CortexConfig()
+
+
+def presentation_order(n_images: int, reps: int, per_run: int, rng: np.random.Generator):
+    """(image index, run, block) per sample: each repetition shows every image once, in runs."""
+    idx, runs, blocks, run = [], [], [], 0
+    for _ in range(reps):
+        order = rng.permutation(n_images)
+        for s in range(0, n_images, per_run):
+            chunk = order[s:s + per_run]
+            run += 1
+            idx.extend(chunk)
+            runs.extend([run] * len(chunk))
+            blocks.extend(range(1, len(chunk) + 1))
+    return np.array(idx), np.array(runs), np.array(blocks)
+
+
+def to_bdata(responses: np.ndarray, labels: list[str], runs: np.ndarray, blocks: np.ndarray,
+             cortex: SyntheticCortex) -> BData:
+    """BData in the layout of the lab's preprocessed files (VoxelData, ROI_*, voxel_xyz, Run, Block, stimulus_name)."""
+    n, v = responses.shape
+    b = BData(dataset=np.zeros((n, 0)), metadata={}, vmap={})
+    b.add(responses, "VoxelData", "fMRI voxel responses")
+    vox = cortex.voxels
+    for roi in cortex.config.rois:
+        b.add_metadata(f"ROI_{roi}", np.where(vox.roi == roi, 1.0, np.nan), f"1 = ROI {roi}", where="VoxelData")
+    b.add_metadata("ROI_VC", np.ones(v), "1 = ROI VC (all visual cortex voxels)", where="VoxelData")
+    for k, axis in enumerate("xyz"):
+        b.add_metadata(f"voxel_{axis}", vox.xyz[:, k].astype(float), f"voxel {axis} coordinate (mm)", where="VoxelData")
+    b.add(runs.astype(float), "Run", "run number")
+    b.add(blocks.astype(float), "Block", "block number within run")
+    unique = list(dict.fromkeys(labels))
+    code = {lab: float(i + 1) for i, lab in enumerate(unique)}
+    b.add(np.array([code[lab] for lab in labels]), "stimulus_name", "stimulus name (see vmap)")
+    b.add_vmap("stimulus_name", {c: lab for lab, c in code.items()})
+    return b
+
+
+def simulate_subject(out: Path, config: SubjectConfig, network,
+                     progress: Callable[[str], None] = print) -> dict[str, Path]:
+    """Write a simulated subject to ``out``; returns {"train": path, "natural": path, ...}."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.seed)
+    progress("building stimuli")
+    train, natural = natural_images(config.n_train_images, config.n_test_natural, config.stimulus_size, config.seed)
+    sets = {"train": (train, config.train_reps), "natural": (natural, config.natural_reps),
+            "shapes": (shapes(config.stimulus_size), config.shapes_reps),
+            "letters": (letters(config.stimulus_size), config.letters_reps)}
+    for stim, _ in sets.values():
+        for lab, img in zip(stim.labels, stim.images):
+            Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(out / "images" / f"{lab}.png")
+
+    cortex = SyntheticCortex(config.cortex, network)
+    paths = {}
+    for name, (stim, reps) in sets.items():
+        progress(f"simulating fMRI: {name} ({len(stim)} images x {reps} presentations)")
+        # the cortex sees exactly the saved (8-bit) pixels
+        images = torch.from_numpy(np.round(stim.images * 255) / 255).float()
+        if name == "train":
+            cortex.fit_scale(images)
+        signal = cortex.signal(images)
+        idx, runs, blocks = presentation_order(len(stim), reps, config.images_per_run, rng)
+        responses = cortex.measure(signal[idx], rng)
+        labels = [stim.labels[i] for i in idx]
+        path = out / ("train.h5" if name == "train" else f"test_{name}.h5")
+        write_bdata(path, to_bdata(responses, labels, runs, blocks, cortex))
+        paths[name] = path
+    (out / "simulation.json").write_text(json.dumps(config.model_dump(), indent=2))
+    return paths
