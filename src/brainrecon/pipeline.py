@@ -42,8 +42,9 @@ class PipelineConfig(BaseModel):
     layers: list[str] | None = None          # None: every conv layer of the network
     roi: str = "ROI_VC"
     alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist())
-    alpha_sample_units: int = 2000           # units per layer used to choose its penalty
+    alpha_sample_units: int = 256            # units per layer used to choose its penalty
     recon: ReconConfig = ReconConfig()
+    rescale: bool = False                    # rescale decoded features to the true features SD (paper); off: measured better here
     true_feature_recon: bool = True          # also reconstruct from the true features (upper bound)
     seed: int = 0
 
@@ -112,6 +113,8 @@ def load_inputs(train_path: Path, tests: dict[str, Path], images_dir: Path, conf
             raise PipelineError(f"{path}: the voxel coordinates of {config.roi} differ from those of {train_path}; "
                                 "train and test files must list the same voxels in the same order")
         X, labels = fmri.average_by_label()
+        order = np.argsort(labels, kind="stable")  # a stable, readable order (labels sorted)
+        X, labels = X[order], [labels[i] for i in order]
         sets.append(TestSet(name, Path(path), fmri, labels, X, len(fmri.labels) / len(labels)))
     log(f"train: {len(train.labels)} samples of {len(train_labels)} images, {train.X.shape[1]} voxels ({config.roi})")
     for s in sets:
@@ -178,9 +181,9 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
     test_X = {s.name: s.X for s in sets}
     true_feats = {s.name: extract_features(network, s.images, layers) for s in sets}
     decoded = {s.name: {} for s in sets}
+    stats: dict[str, np.ndarray] = {}
     decoding = {s.name: {} for s in sets}
     alphas = {}
-    decoded_path = cache / "decoded.npz"
     with h5py.File(feat_path, "r") as f:
         for layer in layers:
             Y = f[layer][...]                                                  # (n_images, units)
@@ -190,20 +193,26 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
             if alpha in (config.alphas[0], config.alphas[-1]):
                 log(f"  warning: {layer} penalty {alpha:g} is at the edge of the search grid")
             mean = decoder.target_mean(Y)
-            sd = np.sqrt(np.maximum(decoder.target_mean(Y ** 2) - mean ** 2, 0)) * np.sqrt(
-                len(image_index) / max(len(image_index) - 1, 1))
-            true_sd = float(channel_sd(Y.reshape(len(Y), *shapes[layer])).mean())
+            sd = decoder.target_sd(Y, mean)
+            stats[f"{layer}/mean"] = mean.reshape(shapes[layer]).astype(np.float32)
+            stats[f"{layer}/true_sd"] = np.float32(channel_sd(Y.reshape(len(Y), *shapes[layer])).mean())
+            stats[f"{layer}/cv_r2"] = np.float32(scores.max())
             for s in sets:
                 B = decoder.test_weights(test_X[s.name], alpha)
-                pred = decoder.predict(B, Y)
+                pred = decoder.predict(B, Y, mean)
                 decoding[s.name][layer] = decoding_accuracy(pred, true_feats[s.name][layer].reshape(len(pred), -1),
                                                             mean, sd)
-                decoded[s.name][layer] = rescale_decoded(pred.reshape(len(pred), *shapes[layer]),
-                                                         mean.reshape(shapes[layer]), true_sd)
+                decoded[s.name][layer] = pred.reshape(len(pred), *shapes[layer])
             log(f"  {layer}: alpha {alpha:g} (CV R2 {scores.max():.3f}), profile r " +
                 ", ".join(f"{k} {v[layer]['profile_correlation']:.3f}" for k, v in decoding.items()))
             del Y
 
+    np.savez(cache / "feature_stats.npz", **stats)
+    for s in sets:
+        np.savez(cache / f"decoded_{s.name}.npz", **decoded[s.name])
+        if config.rescale:
+            decoded[s.name] = {k: rescale_decoded(v, stats[f"{k}/mean"], float(stats[f"{k}/true_sd"]))
+                               for k, v in decoded[s.name].items()}
     metrics: dict = {}
     recon_images: dict[str, dict[str, np.ndarray]] = {}
     for s in sets:

@@ -11,8 +11,9 @@ while keeping the others would leak the image and favour too small a penalty).
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
-DEFAULT_ALPHAS = np.logspace(0, 6, 25)
+DEFAULT_ALPHAS = np.logspace(0, 7, 15)
 
 
 def zscore_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -21,6 +22,19 @@ def zscore_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sd = X.std(0, ddof=1)
     sd[~(sd > 0)] = 1.0
     return mean, sd
+
+
+def kernel_eigen(Xz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvectors U (n, r) and eigenvalues (r,) of K = Xz Xz^T, from the smaller of the two Gram matrices."""
+    n, p = Xz.shape
+    if p < n:
+        w, V = scipy.linalg.eigh(Xz.T @ Xz, driver="evd")
+        keep = w > w.max() * 1e-10
+        U = (Xz @ V[:, keep]) / np.sqrt(w[keep])
+        return U, w[keep]
+    w, U = scipy.linalg.eigh(Xz @ Xz.T, driver="evd")
+    keep = w > w.max() * 1e-10
+    return U[:, keep], w[keep]
 
 
 class KernelRidgeDecoder:
@@ -39,9 +53,7 @@ class KernelRidgeDecoder:
         self.Xz_ = (X - self.mean_) / self.sd_                                 # (n, v)
         self.image_index_ = np.asarray(image_index)
         self.n_images_ = int(self.image_index_.max()) + 1
-        U, s, _ = np.linalg.svd(self.Xz_, full_matrices=False)               # K = U diag(s^2) U^T
-        keep = s > s[0] * 1e-10
-        self.U_, self.eig_ = U[:, keep], s[keep] ** 2
+        self.U_, self.eig_ = kernel_eigen(self.Xz_)                          # K = U diag(eig) U^T
         counts = np.bincount(self.image_index_, minlength=self.n_images_)
         if (counts == 0).any():
             raise ValueError("every training image must be shown at least once")
@@ -51,26 +63,45 @@ class KernelRidgeDecoder:
     def _expand(self, Y_images: np.ndarray) -> np.ndarray:
         return Y_images[self.image_index_]
 
+    def _group_blocks(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per group size m: (group rows (g, m), diagonal blocks of G per alpha (a, g, m, m)).
+
+        G = (K + alpha I)^-1 = I/alpha + U diag(d) U^T; its blocks depend on the training data
+        only, so they are computed once for all alphas and reused for every layer.
+        """
+        if getattr(self, "blocks_", None) is None:
+            groups: dict[int, list[np.ndarray]] = {}
+            for i in range(self.n_images_):
+                g = np.flatnonzero(self.image_index_ == i)
+                groups.setdefault(len(g), []).append(g)
+            D = np.stack([1.0 / (self.eig_ + a) - 1.0 / a for a in self.alphas], 1)   # (r, a)
+            self.blocks_ = {}
+            for m, gs in groups.items():
+                idx = np.stack(gs)
+                out = np.empty((len(self.alphas), len(idx), m, m))
+                for s in range(0, len(idx), 256):
+                    Ug = self.U_[idx[s:s + 256]]                                      # (c, m, r)
+                    pairs = (Ug[:, :, None, :] * Ug[:, None, :, :]).reshape(-1, Ug.shape[-1])
+                    out[:, s:s + 256] = (pairs @ D).T.reshape(len(self.alphas), len(Ug), m, m)
+                out += np.eye(m) / self.alphas[:, None, None, None]
+                self.blocks_[m] = (idx, out)
+        return self.blocks_
+
     def cv_scores(self, Y_images: np.ndarray) -> np.ndarray:
         """Leave-one-image-out R^2 (averaged over units) for each alpha; Y_images (n_images, k)."""
-        Y = self._expand(np.asarray(Y_images, dtype=np.float64))
+        Y = self._expand(np.asarray(Y_images, dtype=np.float32))
         Y = Y - Y.mean(0)
         Y /= np.maximum(Y.std(0), 1e-12)
-        UtY = self.U_.T @ Y
-        groups = [np.flatnonzero(self.image_index_ == i) for i in range(self.n_images_)]
-        by_size: dict[int, list[np.ndarray]] = {}
-        for g in groups:
-            by_size.setdefault(len(g), []).append(g)
+        U = self.U_.astype(np.float32)
+        UtY = U.T @ Y
+        blocks = self._group_blocks()
         scores = []
-        for alpha in self.alphas:
-            d = 1.0 / (self.eig_ + alpha) - 1.0 / alpha                        # G = I/alpha + U diag(d) U^T
-            GY = Y / alpha + self.U_ @ (d[:, None] * UtY)
+        for a, alpha in enumerate(self.alphas):
+            d = (1.0 / (self.eig_ + alpha) - 1.0 / alpha).astype(np.float32)
+            GY = Y / np.float32(alpha) + U @ (d[:, None] * UtY)                   # G @ Y
             sse = 0.0
-            for m, gs in by_size.items():
-                idx = np.stack(gs)                                             # (n_groups, m)
-                Ug = self.U_[idx]                                              # (n_groups, m, r)
-                blocks = np.einsum("gmr,r,gnr->gmn", Ug, d, Ug) + np.eye(m) / alpha
-                resid = np.linalg.solve(blocks, GY[idx])                       # (n_groups, m, k)
+            for idx, blk in blocks.values():
+                resid = np.linalg.solve(blk[a], GY[idx].astype(np.float64))        # (n_groups, m, k)
                 sse += (resid ** 2).sum(axis=(0, 1))
             scores.append(float(np.mean(1.0 - sse / len(Y))))
         return np.array(scores)
@@ -92,15 +123,27 @@ class KernelRidgeDecoder:
 
     def target_mean(self, Y_images: np.ndarray) -> np.ndarray:
         """Mean over training samples (images weighted by their presentation count)."""
-        w = self.counts_ / self.counts_.sum()
+        w = (self.counts_ / self.counts_.sum()).astype(Y_images.dtype)
         return w @ Y_images
 
-    def predict(self, B: np.ndarray, Y_images: np.ndarray, chunk: int = 65536) -> np.ndarray:
-        """Decoded units (n_test, k) from test weights ``B`` and training targets (n_images, k), chunked."""
+    def target_sd(self, Y_images: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        """SD over training samples (ddof=1), in chunks of units."""
+        w = (self.counts_ / (self.counts_.sum() - 1)).astype(np.float32)
+        out = np.empty(Y_images.shape[1], np.float32)
+        for s in range(0, Y_images.shape[1], 65536):
+            out[s:s + 65536] = np.sqrt(w @ (Y_images[:, s:s + 65536] - mean[s:s + 65536]) ** 2)
+        return out
+
+    def predict(self, B: np.ndarray, Y_images: np.ndarray, mean: np.ndarray | None = None,
+                chunk: int = 65536) -> np.ndarray:
+        """Decoded units (n_test, k) from test weights ``B`` and training targets (n_images, k), chunked.
+
+        ``mean``: the targets' training mean (k,) if already computed.
+        """
         out = np.empty((B.shape[0], Y_images.shape[1]), dtype=np.float32)
         B32 = B.astype(np.float32)
         for s in range(0, Y_images.shape[1], chunk):
             Y = np.asarray(Y_images[:, s:s + chunk], dtype=np.float32)
-            mu = self.target_mean(Y).astype(np.float32)
+            mu = self.target_mean(Y) if mean is None else mean[s:s + chunk]
             out[:, s:s + chunk] = mu + B32 @ (Y - mu)
         return out

@@ -30,11 +30,14 @@ class ReconConfig(BaseModel):
     batch_size: int = 16
     seed: int = 0
     snapshots: list[int] = []   # iterations whose images are kept (the image evolving)
+    layer_scale: dict[str, float] = {}  # extra per-layer weight multipliers (default 1)
+    chroma_blur: float = 0.0    # extra Gaussian blur (pixels) of the colour-opponent channels only
 
 
-def layer_weights(targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-image weights (n,) per layer: 1/||y_l||^2 normalised to sum to one over layers."""
-    inv = {k: 1.0 / v.flatten(1).pow(2).sum(1).clamp(min=1e-12) for k, v in targets.items()}
+def layer_weights(targets: dict[str, torch.Tensor], scale: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Per-image weights (n,) per layer: scale_l/||y_l||^2 normalised to sum to one over layers."""
+    scale = scale or {}
+    inv = {k: scale.get(k, 1.0) / v.flatten(1).pow(2).sum(1).clamp(min=1e-12) for k, v in targets.items()}
     total = sum(inv.values())
     return {k: v / total for k, v in inv.items()}
 
@@ -53,6 +56,16 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
+def blur_chroma(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur the colour-opponent part of RGB images (n, 3, H, W), keeping luminance sharp.
+
+    Natural images carry little fine detail in colour; this is the prior that JPEG's chroma
+    subsampling relies on.
+    """
+    lum = x.mean(1, keepdim=True)
+    return lum + gaussian_blur(x - lum, sigma)
+
+
 def linear_schedule(start: float, end: float, n: int) -> np.ndarray:
     return np.linspace(start, end, n) if n > 1 else np.array([start])
 
@@ -61,7 +74,7 @@ def _reconstruct_batch(targets: dict[str, torch.Tensor], network, size: int, cfg
                        generator: torch.Generator) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     n = next(iter(targets.values())).shape[0]
     layers = list(targets)
-    weights = layer_weights(targets)
+    weights = layer_weights(targets, cfg.layer_scale)
     # network input space: 0-255, mean colour subtracted (RGB order here; the network flips to BGR itself)
     mean = torch.tensor([123.68, 116.779, 103.939]).view(1, 3, 1, 1)
     x = torch.rand(n, 3, size, size, generator=generator) * 255 - mean
@@ -82,6 +95,8 @@ def _reconstruct_batch(targets: dict[str, torch.Tensor], network, size: int, cfg
             delta = cfg.momentum * delta + lrs[it] * grad
             x = (1 - decays[it]) * (x - delta)
             x = gaussian_blur(x, float(blurs[it]))
+            if cfg.chroma_blur > 0:
+                x = blur_chroma(x, cfg.chroma_blur)
             x = torch.maximum(torch.minimum(x, 255 - mean), -mean)
             if it + 1 in cfg.snapshots:
                 snaps[it + 1] = ((x + mean) / 255.0).clone()

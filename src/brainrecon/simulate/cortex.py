@@ -138,6 +138,7 @@ def prf_weights(vox: Voxels, idx: np.ndarray, size: int) -> torch.Tensor:
     xx, yy = np.meshgrid(coords, -coords)  # image rows go downward, degrees go up
     d2 = (xx.ravel()[None] - vox.x0[idx, None]) ** 2 + (yy.ravel()[None] - vox.y0[idx, None]) ** 2
     w = np.exp(-d2 / (2 * vox.sigma[idx, None] ** 2))
+    w[w < 1e-6] = 0.0  # exact zeros: tiny (denormal) float32 weights make matrix products crawl
     # a pRF partly outside the stimulus still only sees the stimulus: normalise by its full mass
     w /= 2 * np.pi * (vox.sigma[idx, None] * size / FIELD_DEG) ** 2
     return torch.from_numpy(w.astype(np.float32))
@@ -153,7 +154,7 @@ class SyntheticCortex:
     """Noise-free voxel signals of images: ``signal(images) -> (n_images, n_voxels)``.
 
     ``network`` (a ``VGGEncoder``) supplies the features pooled by higher areas. Signals are
-    standardised per voxel with statistics of the first batch passed to ``fit_scale``.
+    standardised per voxel with statistics of a reference set (see ``signal``).
     """
 
     def __init__(self, config: CortexConfig, network):
@@ -162,7 +163,7 @@ class SyntheticCortex:
         self.rng = np.random.default_rng(config.seed)
         self.voxels = place_voxels(config, self.rng)
         self.bank = gabor_bank(config.grid)
-        self.mean = self.std = None
+        self._stats = None
         self._build_weights()
 
     @property
@@ -218,14 +219,17 @@ class SyntheticCortex:
             dnn_all.append(dnn)
         return torch.cat(early_all), torch.cat(dnn_all)
 
-    def fit_scale(self, images: torch.Tensor) -> None:
-        """Set per-voxel standardisation from a reference set of images (the training set)."""
-        early, dnn = self.raw_signal(images)
-        self._stats = (early.mean(0), early.std(0) + 1e-8, dnn.mean(0), dnn.std(0) + 1e-8)
+    def signal(self, images: torch.Tensor, reference: bool = False) -> np.ndarray:
+        """Standardised noise-free signals (n_images, n_voxels) float64.
 
-    def signal(self, images: torch.Tensor) -> np.ndarray:
-        """Standardised noise-free signals (n_images, n_voxels) float64 (unit variance on the reference set)."""
+        With ``reference=True`` these images (the training set) define each voxel's standardisation:
+        zero mean and unit variance on them; other sets are scaled with the same statistics.
+        """
         early, dnn = self.raw_signal(images)
+        if reference:
+            self._stats = (early.mean(0), early.std(0) + 1e-8, dnn.mean(0), dnn.std(0) + 1e-8)
+        elif getattr(self, "_stats", None) is None:
+            raise RuntimeError("call signal(reference_images, reference=True) first")
         me, se, md, sd = self._stats
         share = torch.tensor([self.config.rois[r].dnn_share for r in self.voxels.roi])
         mixed = torch.sqrt(share) * (dnn - md) / sd + torch.sqrt(1 - share) * (early - me) / se

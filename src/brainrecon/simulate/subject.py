@@ -96,9 +96,7 @@ def simulate_subject(out: Path, config: SubjectConfig, network,
         progress(f"simulating fMRI: {name} ({len(stim)} images x {reps} presentations)")
         # the cortex sees exactly the saved (8-bit) pixels
         images = torch.from_numpy(np.round(stim.images * 255) / 255).float()
-        if name == "train":
-            cortex.fit_scale(images)
-        signal = cortex.signal(images)
+        signal = cortex.signal(images, reference=(name == "train"))
         idx, runs, blocks = presentation_order(len(stim), reps, config.images_per_run, rng)
         responses = cortex.measure(signal[idx], rng)
         labels = [stim.labels[i] for i in idx]
