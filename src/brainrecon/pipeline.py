@@ -25,7 +25,7 @@ from .decode.rescale import channel_sd, rescale_decoded
 from .decode.ridge import DEFAULT_ALPHAS, KernelRidgeDecoder
 from .evaluate.decoding import decoding_accuracy
 from .evaluate.identification import pairwise_identification
-from .evaluate.reliability import test_retest
+from .evaluate.reliability import retest_reliability
 from .nets import load_network
 from .nets.features import cache_features, extract_features
 from .recon.icnn import ReconConfig, display_normalise, reconstruct
@@ -133,10 +133,10 @@ def reliability_by_roi(path: Path, fmri: FmriData) -> dict[str, float]:
     out = {}
     for key in roi_keys(path):
         sub = read_fmri(path, key)
-        r = test_retest(sub.X, sub.labels)
+        r = retest_reliability(sub.X, sub.labels)
         if np.isfinite(r).any():
             out[key] = float(np.nanmedian(r))
-    r = test_retest(fmri.X, fmri.labels)
+    r = retest_reliability(fmri.X, fmri.labels)
     if np.isfinite(r).any():
         out[f"{fmri.roi} (analysed)"] = float(np.nanmedian(r))
     return out

@@ -27,8 +27,9 @@ def pairwise_identification(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     n = len(c)
     if n < 2:
         raise ValueError("pairwise identification needs at least two items")
-    own = np.diag(c)[:, None]
-    wins = (own > c).astype(float) + 0.5 * (own == c)
+    diff = np.diag(c)[:, None] - c
+    tie = np.abs(diff) <= 1e-12  # equal up to rounding
+    wins = ((diff > 0) & ~tie).astype(float) + 0.5 * tie
     np.fill_diagonal(wins, 0.0)
     return wins.sum(1) / (n - 1)
 

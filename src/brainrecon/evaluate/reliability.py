@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def test_retest(X: np.ndarray, labels: list[str]) -> np.ndarray:
+def retest_reliability(X: np.ndarray, labels: list[str]) -> np.ndarray:
     """Per-voxel Pearson r (n_voxels,) across images between the first and second presentation of
     each image; X (n_samples, n_voxels). Images shown once are ignored; NaN if fewer than 3 images
     were shown twice."""

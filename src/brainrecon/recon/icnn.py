@@ -114,15 +114,16 @@ def reconstruct(targets: dict[str, torch.Tensor], network, size: int, config: Re
     n = next(iter(targets.values())).shape[0]
     network.requires_grad_(False)
     out, snaps = [], {}
-    for b, s in enumerate(range(0, n, cfg.batch_size)):
+    step = -(-n // -(-n // cfg.batch_size))  # equal batches of at most batch_size images
+    for b, s in enumerate(range(0, n, step)):
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + b)
-        batch = {k: v[s:s + cfg.batch_size].float() for k, v in targets.items()}
+        batch = {k: v[s:s + step].float() for k, v in targets.items()}
         images, snap = _reconstruct_batch(batch, network, size, cfg, gen)
         out.append(images)
         for k, v in snap.items():
             snaps.setdefault(k, []).append(v)
         if progress:
-            progress(min(s + cfg.batch_size, n), n)
+            progress(min(s + step, n), n)
     return torch.cat(out), {k: torch.cat(v) for k, v in snaps.items()}
 
 

@@ -76,19 +76,28 @@ def decoding_figure(metrics: dict) -> str:
     return uri
 
 
+def _analysed_r(m: dict) -> str:
+    rel = m.get("test_retest_median_r", {})
+    vals = [v for k, v in rel.items() if k.endswith("(analysed)")]
+    return f"{vals[0]:.3f}" if vals else ""
+
+
 def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) -> None:
     """``sets``: {name: (labels, stimuli (n, 3, H, W), {"decoded": images, "true": images})}."""
     summary = ["<table><tr><th>test set</th><th>images</th><th>presentations</th>"
-               "<th>pixel identification (decoded)</th><th>pixel identification (true features)</th></tr>"]
+               "<th>pixel identification (decoded)</th><th>pixel identification (true features)</th>"
+               "<th>voxel test-retest r</th></tr>"]
     for name, m in metrics.items():
         true = m.get("pixel_identification_true_features")
         summary.append(f"<tr><td>{html.escape(name)}</td><td>{m['n_images']}</td><td>{m['n_presentations']:g}</td>"
                        f"<td class='big'>{m['pixel_identification']:.1%}</td>"
-                       f"<td>{'' if true is None else f'{true:.1%}'}</td></tr>")
+                       f"<td>{'' if true is None else f'{true:.1%}'}</td><td>{_analysed_r(m)}</td></tr>")
     summary.append("</table><p class='sub'>Pairwise identification by pixel correlation: the fraction of "
                    "other test images that the reconstruction resembles less than its own stimulus (chance 50%). "
                    "Reconstructions from the true features of each image bound what the reconstruction stage can "
-                   "reach; the gap to the decoded row is lost in decoding.</p>")
+                   "reach; the gap to the decoded row is lost in decoding. Voxel test-retest r: the median over voxels "
+                   "of the analysed ROI of the correlation, across images, between two single presentations "
+                   "(per-ROI values under each test set).</p>")
 
     sections = []
     for name, (labels, stimuli, recons) in sets.items():

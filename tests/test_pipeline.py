@@ -1,0 +1,121 @@
+"""End to end on a tiny configuration, through the command line, and the user errors it reports."""
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from brainrecon.cli import app
+from brainrecon.data.bdata import read_bdata, write_bdata
+
+runner = CliRunner()
+
+
+def _run_args(subject, out, *extra, tests=("natural", "shapes", "letters")):
+    args = ["run", "--train", str(subject / "train.h5"), "--images", str(subject / "images"), "--out", str(out),
+            "--image-size", "32", "--iterations", "40"]
+    for t in tests:
+        args += ["--test", f"{t}={subject / f'test_{t}.h5'}"]
+    return args + list(extra)
+
+
+def test_end_to_end_tiny(small_subject, tmp_path):
+    subject, _ = small_subject
+    out = tmp_path / "run"
+    result = runner.invoke(app, _run_args(subject, out))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"natural", "shapes", "letters"}
+    for name, n in (("natural", 6), ("shapes", 40), ("letters", 10)):
+        m = metrics[name]
+        assert m["n_images"] == n and len(list((out / "recon" / name).glob("*.png"))) == n
+        assert 0.0 <= m["pixel_identification"] <= 1.0
+        assert set(m["feature_decoding"]) == {f"conv{b}_{i}" for b, k in enumerate([2, 2, 3, 3, 3], 1) for i in range(1, k + 1)}
+    # even this tiny subject carries the shapes' colours: well above chance
+    assert metrics["shapes"]["pixel_identification"] > 0.58
+    assert metrics["shapes"]["pixel_identification_true_features"] > 0.9
+    assert metrics["shapes"]["feature_decoding"]["conv3_1"]["feature_identification"] > 0.7
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") > 2 * (6 + 40 + 10) and "test-retest" in html
+    # a second run reuses the finished reconstructions
+    again = runner.invoke(app, _run_args(subject, out))
+    assert again.exit_code == 0 and "reused finished reconstructions" in again.output
+    assert json.loads((out / "metrics.json").read_text())["shapes"]["pixel_identification"] == \
+        metrics["shapes"]["pixel_identification"]
+
+
+def _expect_error(args, *needles):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    for needle in needles:
+        assert needle in text, text
+    assert "Traceback" not in result.output
+
+
+def test_user_errors(small_subject, tmp_path):
+    subject, paths = small_subject
+    out = tmp_path / "err"
+    _expect_error(_run_args(subject, out, tests=("shapes",)) + ["--roi", "ROI_V9"], "ROI_V9", "train.h5")
+    missing = ["run", "--train", str(tmp_path / "nope.h5"), "--test", f"x={paths['shapes']}",
+               "--images", str(subject / "images"), "--out", str(out)]
+    _expect_error(missing, "nope.h5", "no such file")
+    notbdata = tmp_path / "plain.h5"
+    with h5py.File(notbdata, "w") as f:
+        f["x"] = np.zeros(3)
+    _expect_error(["run", "--train", str(notbdata), "--test", f"x={paths['shapes']}", "--images",
+                   str(subject / "images"), "--out", str(out)], "plain.h5", "not a BData file")
+    # labels with no image
+    images = tmp_path / "images"
+    shutil.copytree(subject / "images", images)
+    (images / "letter_A.png").unlink()
+    _expect_error(["run", "--train", str(paths["train"]), "--test", f"letters={paths['letters']}", "--images",
+                   str(images), "--out", str(out)], "letter_A", str(images))
+    # NaN voxels
+    b = read_bdata(paths["letters"])
+    vox = np.flatnonzero(b.columns("VoxelData"))
+    b.dataset[3, vox[5]] = np.nan
+    nan_file = tmp_path / "nan.h5"
+    write_bdata(nan_file, b)
+    _expect_error(["run", "--train", str(paths["train"]), "--test", f"letters={nan_file}", "--images",
+                   str(subject / "images"), "--out", str(out)], "nan.h5", "NaN")
+    # train/test voxel mismatch
+    b = read_bdata(paths["letters"])
+    keep = np.ones(b.dataset.shape[1], bool)
+    keep[vox[:10]] = False
+    b.dataset = b.dataset[:, keep]
+    b.metadata = {k: (d, v[keep]) for k, (d, v) in b.metadata.items()}
+    fewer = tmp_path / "fewer.h5"
+    write_bdata(fewer, b)
+    _expect_error(["run", "--train", str(paths["train"]), "--test", f"letters={fewer}", "--images",
+                   str(subject / "images"), "--out", str(out)], "fewer.h5", "voxels", "same subject")
+    _expect_error(_run_args(subject, out, tests=()) + ["--test", "justapath.h5"], "NAME=PATH")
+
+
+def test_bdpy_written_files_run(small_subject, tmp_path):
+    """The pipeline runs on files written by bdpy itself (another subject than the demo's)."""
+    bdpy = pytest.importorskip("bdpy")
+    subject, paths = small_subject
+    rewritten = tmp_path / "bdpy_subject"
+    rewritten.mkdir()
+    for name in ("train", "shapes"):
+        src = read_bdata(paths[name])
+        b = bdpy.BData()
+        for key, (desc, values) in src.metadata.items():
+            if key in ("VoxelData", "Run", "Block", "stimulus_name"):
+                cols = values == 1
+                b.add(src.dataset[:, cols], key)
+        for key, (desc, values) in src.metadata.items():
+            if key.startswith("ROI_") or key.startswith("voxel_"):
+                b.add_metadata(key, values[src.columns("VoxelData")], desc, where="VoxelData")
+        b.add_vmap("stimulus_name", src.vmap["stimulus_name"])
+        b.save(str(rewritten / f"{name}.h5"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", "--train", str(rewritten / "train.h5"), "--test",
+                                 f"shapes={rewritten / 'shapes.h5'}", "--images", str(subject / "images"),
+                                 "--out", str(out), "--image-size", "32", "--iterations", "40",
+                                 "--no-true-features"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["shapes"]["pixel_identification"] > 0.58

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from brainrecon.decode.ridge import KernelRidgeDecoder, zscore_fit
+from brainrecon.decode.rescale import channel_sd, rescale_decoded
+
+
+def _problem(n_img, v, reps=3, k=7, seed=0):
+    rng = np.random.default_rng(seed)
+    idx = np.r_[np.repeat(np.arange(n_img), reps), [0, 1]]   # two images shown once more: mixed group sizes
+    Y = rng.normal(size=(n_img, k))
+    X = Y[idx] @ rng.normal(size=(k, v)) + 3 * rng.normal(size=(len(idx), v))
+    return X, idx, Y, rng.normal(size=(5, v))
+
+
+@pytest.mark.parametrize("n_img,v", [(100, 50), (30, 200)])  # more samples than voxels, and fewer
+def test_kernel_ridge_equals_closed_form(n_img, v):
+    X, idx, Y, Xt = _problem(n_img, v)
+    dec = KernelRidgeDecoder().fit(X, idx)
+    alpha = 37.0
+    pred = dec.predict(dec.test_weights(Xt, alpha), Y.astype(np.float32))
+    m, s = zscore_fit(X)
+    Xz = (X - m) / s
+    T = Y[idx]
+    W = np.linalg.solve(Xz.T @ Xz + alpha * np.eye(v), Xz.T @ (T - T.mean(0)))   # primal ridge, centred
+    expected = ((Xt - m) / s) @ W + T.mean(0)
+    np.testing.assert_allclose(pred, expected, atol=1e-5)
+    assert m.shape == (v,) and np.allclose(s, X.std(0, ddof=1))
+
+
+@pytest.mark.parametrize("n_img,v", [(60, 40), (20, 120)])
+def test_grouped_cv_equals_brute_force(n_img, v):
+    X, idx, Y, _ = _problem(n_img, v)
+    dec = KernelRidgeDecoder(alphas=np.array([1.0, 30.0, 1000.0])).fit(X, idx)
+    m, s = zscore_fit(X)
+    Xz = (X - m) / s
+    T = Y[idx]
+    Tn = (T - T.mean(0)) / T.std(0)
+    expected = []
+    for alpha in dec.alphas:   # refit without every presentation of one image at a time
+        sse = 0.0
+        for i in range(n_img):
+            test = idx == i
+            w = np.linalg.solve(Xz[~test].T @ Xz[~test] + alpha * np.eye(v), Xz[~test].T @ Tn[~test])
+            sse = sse + ((Tn[test] - Xz[test] @ w) ** 2).sum(0)
+        expected.append(np.mean(1 - sse / len(T)))
+    np.testing.assert_allclose(dec.cv_scores(Y), expected, rtol=1e-4, atol=1e-5)
+    best, _ = dec.choose_alpha(Y)
+    assert best == dec.alphas[int(np.argmax(expected))]
+
+
+def test_target_statistics_match_sample_statistics():
+    X, idx, Y, _ = _problem(40, 30)
+    dec = KernelRidgeDecoder().fit(X, idx)
+    Y32 = Y.astype(np.float32)
+    mean = dec.target_mean(Y32)
+    np.testing.assert_allclose(mean, Y[idx].mean(0), atol=1e-6)
+    np.testing.assert_allclose(dec.target_sd(Y32, mean), Y[idx].std(0, ddof=1), atol=1e-5)
+
+
+def test_rescale_matches_true_channel_sd():
+    rng = np.random.default_rng(0)
+    decoded = rng.normal(size=(4, 8, 5, 5)).astype(np.float32) * 0.1
+    mean = rng.normal(size=(8, 5, 5)).astype(np.float32)
+    out = rescale_decoded(decoded + mean, mean, 2.5)
+    np.testing.assert_allclose(channel_sd(out - mean), 2.5, rtol=1e-5)
+    # the pattern is kept: only a per-image scale changes
+    assert np.corrcoef((out - mean)[0].ravel(), decoded[0].ravel())[0, 1] > 0.999
