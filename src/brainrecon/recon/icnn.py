@@ -31,6 +31,7 @@ class ReconConfig(BaseModel):
     seed: int = 0
     snapshots: list[int] = []   # iterations whose images are kept (the image evolving)
     layer_scale: dict[str, float] = {}  # extra per-layer weight multipliers (default 1)
+    init: str = "noise"         # start image: "noise" (uniform 0-255) or "mean" (the mean colour)
     chroma_blur: float = 0.0    # extra Gaussian blur (pixels) of the colour-opponent channels only
 
 
@@ -77,7 +78,12 @@ def _reconstruct_batch(targets: dict[str, torch.Tensor], network, size: int, cfg
     weights = layer_weights(targets, cfg.layer_scale)
     # network input space: 0-255, mean colour subtracted (RGB order here; the network flips to BGR itself)
     mean = torch.tensor([123.68, 116.779, 103.939]).view(1, 3, 1, 1)
-    x = torch.rand(n, 3, size, size, generator=generator) * 255 - mean
+    if cfg.init == "noise":
+        x = torch.rand(n, 3, size, size, generator=generator) * 255 - mean
+    elif cfg.init == "mean":
+        x = torch.zeros(n, 3, size, size)
+    else:
+        raise ValueError(f"init must be 'noise' or 'mean', not {cfg.init!r}")
     delta = torch.zeros_like(x)
     lrs = linear_schedule(cfg.lr_start, cfg.lr_end, cfg.iterations)
     decays = linear_schedule(cfg.decay_start, cfg.decay_end, cfg.iterations)
