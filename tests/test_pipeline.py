@@ -119,3 +119,19 @@ def test_bdpy_written_files_run(small_subject, tmp_path):
                                  "--no-true-features"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "metrics.json").read_text())["shapes"]["pixel_identification"] > 0.58
+
+
+def test_layer_rois(small_subject, tmp_path):
+    from brainrecon.pipeline import PipelineConfig, roi_for_layer
+
+    cfg = PipelineConfig(layer_rois={"conv1": "ROI_V1", "conv1_2": "ROI_V2", "conv5_3": "ROI_LOC"})
+    assert [roi_for_layer(k, cfg) for k in ("conv1_1", "conv1_2", "conv2_1", "conv5_3")] == \
+        ["ROI_V1", "ROI_V2", "ROI_VC", "ROI_LOC"]
+    subject, _ = small_subject
+    out = tmp_path / "rois"
+    result = runner.invoke(app, _run_args(subject, out, tests=("shapes",)) +
+                           ["--iterations", "5", "--no-true-features", "--layer-roi", "conv1=ROI_V1+ROI_V2+ROI_V3"])
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["layer_rois"]["conv1_1"] == "ROI_V1+ROI_V2+ROI_V3" and run["layer_rois"]["conv2_1"] == "ROI_VC"
+    assert "decoder for ROI_V1+ROI_V2+ROI_V3" in result.output

@@ -63,6 +63,8 @@ def run(train: Path = typer.Option(..., help="training fMRI (BData .h5)"),
         images: Path = typer.Option(..., help="folder of stimulus images, one file per label (<label>.<ext>)"),
         out: Path = typer.Option(..., help="output folder"),
         roi: str = typer.Option("ROI_VC", help="ROI name or union, e.g. ROI_VC or ROI_V1+ROI_V2"),
+        layer_roi: list[str] = typer.Option([], help="LAYER=ROI: decode a layer (or all layers of a prefix such as conv1) "
+                                                     "from another ROI, e.g. conv1=ROI_V1+ROI_V2+ROI_V3 (repeatable)"),
         image_size: int = typer.Option(224, help="network input size in pixels"),
         iterations: int = typer.Option(200, help="reconstruction iterations"),
         network: str = typer.Option("hed-vgg16", help="network (hed-vgg16)"),
@@ -72,7 +74,13 @@ def run(train: Path = typer.Option(..., help="training fMRI (BData .h5)"),
     from .pipeline import PipelineConfig, run_pipeline
     from .recon.icnn import ReconConfig
 
-    cfg = PipelineConfig(network=network, image_size=image_size, roi=roi, seed=seed,
+    layer_rois = {}
+    for item in layer_roi:
+        layer, sep, name = item.partition("=")
+        if not sep or not layer or not name:
+            _fail(f"--layer-roi {item!r}: write it as LAYER=ROI, e.g. --layer-roi conv1=ROI_V1+ROI_V2")
+        layer_rois[layer] = name
+    cfg = PipelineConfig(network=network, image_size=image_size, roi=roi, seed=seed, layer_rois=layer_rois,
                          recon=ReconConfig(iterations=iterations, seed=seed), true_feature_recon=not no_true_features)
     tests = _parse_tests(test)
     _run_guarded(lambda: run_pipeline(train, tests, images, out, cfg))

@@ -41,6 +41,7 @@ class PipelineConfig(BaseModel):
     image_size: int = 224
     layers: list[str] | None = None          # None: every conv layer of the network
     roi: str = "ROI_VC"
+    layer_rois: dict[str, str] = {}           # layer name or prefix -> ROI decoding it, e.g. {"conv1": "ROI_V1+ROI_V2+ROI_V3"}
     alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist())
     alpha_sample_units: int = 256            # units per layer used to choose its penalty
     recon: ReconConfig = ReconConfig()
@@ -128,6 +129,12 @@ def load_inputs(train_path: Path, tests: dict[str, Path], images_dir: Path, conf
     return train, image_index, train_labels, train_images, sets
 
 
+def roi_for_layer(layer: str, config: PipelineConfig) -> str:
+    """The ROI whose voxels decode ``layer``: the longest matching key of ``layer_rois``, else ``roi``."""
+    keys = [k for k in config.layer_rois if layer == k or layer.startswith(k + "_")]
+    return config.layer_rois[max(keys, key=len)] if keys else config.roi
+
+
 def reliability_by_roi(path: Path, fmri: FmriData) -> dict[str, float]:
     """Median single-presentation test-retest r per ROI of a test file (and of the analysed ROI)."""
     out = {}
@@ -176,9 +183,28 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                                progress=lambda i, n: log(f"  features {i}/{n}") if i == n else None)
 
     log.stage("fitting decoders")
-    decoder = KernelRidgeDecoder(np.array(config.alphas)).fit(train.X, image_index)
+    decoders: dict[str, tuple[KernelRidgeDecoder, dict[str, np.ndarray]]] = {}
+
+    def decoder_for(layer: str) -> tuple[KernelRidgeDecoder, dict[str, np.ndarray]]:
+        """The decoder of the layer's ROI and the test sets' trial-averaged voxels of that ROI."""
+        roi = roi_for_layer(layer, config)
+        if roi not in decoders:
+            if roi == config.roi:
+                X_train, X_test = train.X, {s.name: s.X for s in sets}
+            else:
+                sub = read_fmri(train_path, roi)
+                _check_fmri(sub)
+                X_train, X_test = sub.X, {}
+                for s in sets:
+                    sub = read_fmri(s.path, roi)
+                    _check_fmri(sub)
+                    X, labels = sub.average_by_label()
+                    X_test[s.name] = X[[labels.index(lab) for lab in s.labels]]
+            log(f"  decoder for {roi}: {X_train.shape[1]} voxels")
+            decoders[roi] = (KernelRidgeDecoder(np.array(config.alphas)).fit(X_train, image_index), X_test)
+        return decoders[roi]
+
     rng = np.random.default_rng(config.seed)
-    test_X = {s.name: s.X for s in sets}
     true_feats = {s.name: extract_features(network, s.images, layers) for s in sets}
     decoded = {s.name: {} for s in sets}
     stats: dict[str, np.ndarray] = {}
@@ -187,6 +213,7 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
     with h5py.File(feat_path, "r") as f:
         for layer in layers:
             Y = f[layer][...]                                                  # (n_images, units)
+            decoder, test_X = decoder_for(layer)
             sample = rng.choice(Y.shape[1], min(config.alpha_sample_units, Y.shape[1]), replace=False)
             alpha, scores = decoder.choose_alpha(Y[:, np.sort(sample)])
             alphas[layer] = {"alpha": alpha, "cv_r2": float(scores.max())}
@@ -260,7 +287,8 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
     run_info = {"brainrecon": __version__, "config_digest": digest, "train": str(train_path),
                 "tests": {k: str(v) for k, v in tests.items()}, "images": str(images_dir),
                 "n_voxels": int(train.X.shape[1]), "n_train_samples": len(train.labels),
-                "n_train_images": len(train_labels), "alphas": alphas, "stage_seconds": log.times,
+                "n_train_images": len(train_labels), "alphas": alphas,
+                "layer_rois": {layer: roi_for_layer(layer, config) for layer in layers}, "stage_seconds": log.times,
                 "total_seconds": round(time.time() - log.t0, 1), **(extra or {})}
     (out / "run.json").write_text(json.dumps(run_info, indent=2))
     write_report(out / "report.html", metrics, run_info, config,
