@@ -135,3 +135,30 @@ def test_layer_rois(small_subject, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["layer_rois"]["conv1_1"] == "ROI_V1+ROI_V2+ROI_V3" and run["layer_rois"]["conv2_1"] == "ROI_VC"
     assert "decoder for ROI_V1+ROI_V2+ROI_V3" in result.output
+
+
+def test_run_with_a_vgg19_state_dict(small_subject, tmp_path):
+    """All 19 paper layers (conv1_1 ... fc8) flow through decoding and reconstruction."""
+    import torch
+    from brainrecon.nets.vgg import VGGEncoder
+
+    torch.manual_seed(0)
+    net = VGGEncoder("vgg19", classifier=True, ceil_mode=False)
+    state = {}
+    k = 0
+    for conv in net.convs:                      # torchvision's key layout: features.N, classifier.N
+        state[f"features.{k}.weight"], state[f"features.{k}.bias"] = conv.weight * 0.5, conv.bias
+        k += 2 if k not in (2, 7, 16, 25) else 3
+    for j, fc in zip((0, 3, 6), net.fcs):
+        state[f"classifier.{j}.weight"], state[f"classifier.{j}.bias"] = fc.weight, fc.bias
+    path = tmp_path / "VGG_ILSVRC_19_layers.pt"
+    torch.save(state, path)
+    subject, _ = small_subject
+    out = tmp_path / "vgg19"
+    result = runner.invoke(app, _run_args(subject, out, tests=("shapes",)) +
+                           ["--iterations", "3", "--no-true-features", "--network", f"vgg19-caffe:{path}"])
+    assert result.exit_code == 0, result.output
+    layers = json.loads((out / "metrics.json").read_text())["shapes"]["feature_decoding"]
+    assert len(layers) == 19 and list(layers)[-3:] == ["fc6", "fc7", "fc8"]
+    bad = runner.invoke(app, _run_args(subject, out, tests=("shapes",)) + ["--network", "resnet50"])
+    assert bad.exit_code == 2 and "unknown network" in bad.output

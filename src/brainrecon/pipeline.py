@@ -174,7 +174,10 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
 
     log.stage("loading fMRI and images")
     train, image_index, train_labels, train_images, sets = load_inputs(train_path, tests, images_dir, config, log)
-    network = load_network(config.network)
+    try:
+        network = load_network(config.network)
+    except ValueError as err:
+        raise PipelineError(str(err)) from err
     layers = config.layers or network.layer_names
     shapes = network.unit_shapes(config.image_size)
 

