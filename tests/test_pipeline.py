@@ -162,3 +162,26 @@ def test_run_with_a_vgg19_state_dict(small_subject, tmp_path):
     assert len(layers) == 19 and list(layers)[-3:] == ["fc6", "fc7", "fc8"]
     bad = runner.invoke(app, _run_args(subject, out, tests=("shapes",)) + ["--network", "resnet50"])
     assert bad.exit_code == 2 and "unknown network" in bad.output
+
+
+def test_run_from_a_config_file(small_subject, tmp_path):
+    """`brainrecon run CONFIG.yaml`: option names as keys, paths relative to the file, flags win."""
+    subject, _ = small_subject
+    shutil.copytree(subject, tmp_path / "data")
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("train: data/train.h5\ntest:\n  letters: data/test_letters.h5\nimages: data/images\n"
+                   "out: results\nimage_size: 32\niterations: 50\nno_true_features: true\n"
+                   "layer_roi:\n  conv1: ROI_V1+ROI_V2\n")
+    result = runner.invoke(app, ["run", str(cfg), "--iterations", "4"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "results"
+    config = json.loads((out / "config.json").read_text())
+    assert config["recon"]["iterations"] == 4 and config["image_size"] == 32
+    assert config["layer_rois"] == {"conv1": "ROI_V1+ROI_V2"} and config["true_feature_recon"] is False
+    assert json.loads((out / "metrics.json").read_text())["letters"]["n_images"] == 10
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: data/train.h5\nepochs: 3\n")
+    _expect_error(["run", str(bad)], "bad.yaml", "unknown key(s) epochs", "valid keys")
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("train: data/train.h5\n")
+    _expect_error(["run", str(partial)], "missing --test, --images, --out")

@@ -45,45 +45,88 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
         err.print(f"{name}: {p}")
 
 
-def _parse_tests(tests: list[str]) -> dict[str, Path]:
+RUN_DEFAULTS = {"roi": "ROI_VC", "layer_roi": {}, "image_size": 224, "iterations": 200, "network": "hed-vgg16",
+                "seed": 0, "no_true_features": False}
+RUN_KEYS = ("train", "test", "images", "out", *RUN_DEFAULTS)
+
+
+def _pairs(items, flag: str, example: str) -> dict[str, str]:
+    """NAME=VALUE strings (or a mapping from a config file) -> dict."""
+    if isinstance(items, dict):
+        return {str(k): str(v) for k, v in items.items()}
     parsed = {}
-    for t in tests:
-        name, sep, path = t.partition("=")
-        if not sep or not name or not path:
-            _fail(f"--test {t!r}: write it as NAME=PATH, e.g. --test natural=test_natural.h5")
+    for item in items:
+        name, sep, value = str(item).partition("=")
+        if not sep or not name or not value:
+            _fail(f"{flag} {item!r}: write it as {example}")
         if name in parsed:
-            _fail(f"--test: the name {name!r} is given twice; each test set needs its own name")
-        parsed[name] = Path(path)
+            _fail(f"{flag}: the name {name!r} is given twice; each needs its own name")
+        parsed[name] = value
     return parsed
 
 
+def _read_config(path: Path) -> dict:
+    """A YAML run config: the command-line option names as keys; relative paths are taken from its folder."""
+    import yaml
+
+    if not path.is_file():
+        _fail(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        _fail(f"{path} is not valid YAML: {e}")
+    if not isinstance(data, dict):
+        _fail(f"{path}: a run config is a mapping of option names to values")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(RUN_KEYS))
+    if unknown:
+        _fail(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(RUN_KEYS)}")
+    base = path.parent
+    for key in ("train", "images", "out"):
+        if key in data:
+            data[key] = base / Path(str(data[key])).expanduser()
+    if "test" in data:
+        data["test"] = {k: str(base / Path(v).expanduser()) for k, v in _pairs(data["test"], "test", "NAME: PATH").items()}
+    return data
+
+
 @app.command()
-def run(train: Path = typer.Option(..., help="training fMRI (BData .h5)"),
-        test: list[str] = typer.Option(..., help="test set as NAME=PATH (repeatable)"),
-        images: Path = typer.Option(..., help="folder of stimulus images, one file per label (<label>.<ext>)"),
-        out: Path = typer.Option(..., help="output folder"),
-        roi: str = typer.Option("ROI_VC", help="ROI name or union, e.g. ROI_VC or ROI_V1+ROI_V2"),
-        layer_roi: list[str] = typer.Option([], help="LAYER=ROI: decode a layer (or all layers of a prefix such as conv1) "
-                                                     "from another ROI, e.g. conv1=ROI_V1+ROI_V2+ROI_V3 (repeatable)"),
-        image_size: int = typer.Option(224, help="network input size in pixels"),
-        iterations: int = typer.Option(200, help="reconstruction iterations"),
-        network: str = typer.Option("hed-vgg16", help="network (hed-vgg16)"),
-        seed: int = typer.Option(0),
-        no_true_features: bool = typer.Option(False, help="skip reconstructions from true features")):
+def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any of the options below as keys "
+                                                         "(options given on the command line win)"),
+        train: Optional[Path] = typer.Option(None, help="training fMRI (BData .h5)"),
+        test: Optional[list[str]] = typer.Option(None, help="test set as NAME=PATH (repeatable)"),
+        images: Optional[Path] = typer.Option(None, help="folder of stimulus images, one file per label (<label>.<ext>)"),
+        out: Optional[Path] = typer.Option(None, help="output folder"),
+        roi: Optional[str] = typer.Option(None, help="ROI name or union, e.g. ROI_VC or ROI_V1+ROI_V2 (default ROI_VC)"),
+        layer_roi: Optional[list[str]] = typer.Option(None, help="LAYER=ROI: decode a layer (or all layers of a prefix such "
+                                                                 "as conv1) from another ROI, e.g. conv1=ROI_V1+ROI_V2+ROI_V3 "
+                                                                 "(repeatable)"),
+        image_size: Optional[int] = typer.Option(None, help="network input size in pixels (default 224)"),
+        iterations: Optional[int] = typer.Option(None, help="reconstruction iterations (default 200)"),
+        network: Optional[str] = typer.Option(None, help="hed-vgg16 (default), vgg19-caffe:PATH or vgg19-torchvision:PATH"),
+        seed: Optional[int] = typer.Option(None, help="random seed (default 0)"),
+        no_true_features: Optional[bool] = typer.Option(None, "--no-true-features",
+                                                        help="skip reconstructions from true features")):
     """Run the whole pipeline on BData files: decode, reconstruct, evaluate, report."""
     from .pipeline import PipelineConfig, run_pipeline
     from .recon.icnn import ReconConfig
 
-    layer_rois = {}
-    for item in layer_roi:
-        layer, sep, name = item.partition("=")
-        if not sep or not layer or not name:
-            _fail(f"--layer-roi {item!r}: write it as LAYER=ROI, e.g. --layer-roi conv1=ROI_V1+ROI_V2")
-        layer_rois[layer] = name
-    cfg = PipelineConfig(network=network, image_size=image_size, roi=roi, seed=seed, layer_rois=layer_rois,
-                         recon=ReconConfig(iterations=iterations, seed=seed), true_feature_recon=not no_true_features)
-    tests = _parse_tests(test)
-    _run_guarded(lambda: run_pipeline(train, tests, images, out, cfg))
+    given = {"train": train, "test": _pairs(test, "--test", "NAME=PATH, e.g. --test natural=test.h5") if test else None,
+             "images": images, "out": out, "roi": roi,
+             "layer_roi": _pairs(layer_roi, "--layer-roi", "LAYER=ROI, e.g. --layer-roi conv1=ROI_V1+ROI_V2")
+             if layer_roi else None, "image_size": image_size, "iterations": iterations, "network": network,
+             "seed": seed, "no_true_features": no_true_features}
+    opts = {**RUN_DEFAULTS, **(_read_config(config) if config else {}),
+            **{k: v for k, v in given.items() if v is not None}}
+    missing = [k for k in ("train", "test", "images", "out") if not opts.get(k)]
+    if missing:
+        _fail("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or as keys of the config file)")
+    cfg = PipelineConfig(network=opts["network"], image_size=opts["image_size"], roi=opts["roi"], seed=opts["seed"],
+                         layer_rois=_pairs(opts["layer_roi"], "layer_roi", "LAYER: ROI"),
+                         recon=ReconConfig(iterations=opts["iterations"], seed=opts["seed"]),
+                         true_feature_recon=not opts["no_true_features"])
+    tests = {k: Path(v) for k, v in opts["test"].items()}
+    _run_guarded(lambda: run_pipeline(Path(opts["train"]), tests, Path(opts["images"]), Path(opts["out"]), cfg))
 
 
 @app.command()
