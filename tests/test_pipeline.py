@@ -44,6 +44,10 @@ def test_end_to_end_tiny(small_subject, tmp_path):
     assert again.exit_code == 0 and "reused finished reconstructions" in again.output
     assert json.loads((out / "metrics.json").read_text())["shapes"]["pixel_identification"] == \
         metrics["shapes"]["pixel_identification"]
+    # other reconstruction settings keep the training-feature cache
+    other = runner.invoke(app, _run_args(subject, out, tests=("letters",)) + ["--iterations", "3"])
+    assert other.exit_code == 0, other.output
+    assert len(list((out / "cache").glob("features-*.h5"))) == 1
 
 
 def _expect_error(args, *needles):

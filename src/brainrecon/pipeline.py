@@ -182,7 +182,9 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
     shapes = network.unit_shapes(config.image_size)
 
     log.stage(f"features of {len(train_images)} training images ({len(layers)} layers, {config.image_size} px)")
-    feat_path = cache_features(network, train_images, layers, cache / "train_features.h5",
+    # training features depend only on the network, input size, layers and images: shared by runs that differ otherwise
+    feat_key = hashlib.sha256(json.dumps([config.network, config.image_size, layers, train_labels]).encode()).hexdigest()[:16]
+    feat_path = cache_features(network, train_images, layers, out / "cache" / f"features-{feat_key}.h5",
                                progress=lambda i, n: log(f"  features {i}/{n}") if i == n else None)
 
     log.stage("fitting decoders")

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from ..data.bdata import BData, write_bdata
 from ..data.natural import natural_images
-from ..data.stimuli import StimulusSet, letters, shapes
+from ..data.stimuli import letters, shapes
 from .cortex import CortexConfig, SyntheticCortex
 
 
