@@ -27,7 +27,7 @@ from .evaluate.decoding import decoding_accuracy
 from .evaluate.identification import pairwise_identification
 from .evaluate.reliability import retest_reliability
 from .nets import load_network
-from .nets.features import cache_features, extract_features
+from .nets.features import extract_features
 from .recon.icnn import ReconConfig, display_normalise, reconstruct
 
 
@@ -47,10 +47,20 @@ class PipelineConfig(BaseModel):
     recon: ReconConfig = ReconConfig()
     rescale: bool = False                    # rescale decoded features to the true features SD (paper); off: measured better here
     true_feature_recon: bool = True          # also reconstruct from the true features (upper bound)
+    feature_store: str = "auto"              # training features: "disk" (HDF5 cache), "stream" (never stored), "auto"
+    feature_cache_gb: float = 8.0            # "auto" streams when the cache would be larger than this
+    batch_size: int = 16                     # images per forward pass when extracting features
+    chunk_units: int = 65536                 # units per decoding task (cached features)
+    executor: str = "local"                  # decoding tasks: local, processes:N, dask, dask:ADDRESS, dask-jobqueue:CLASS
+    executor_options: dict = {}              # keyword arguments of the Dask cluster
     seed: int = 0
 
-    def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+    def digest(self, inputs: list[Path] = ()) -> str:
+        """Key of the run's cached results: the settings that change them and the input files' identity."""
+        exclude = {"executor", "executor_options", "batch_size", "chunk_units", "feature_store", "feature_cache_gb"}
+        ident = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, inputs) if p.exists()]
+        text = self.model_dump_json(exclude=exclude) + json.dumps(ident)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Log:
@@ -154,38 +164,47 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray((np.clip(image, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
 
 
-def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out: Path,
-                 config: PipelineConfig | None = None, log: Log | None = None, extra: dict | None = None) -> dict:
-    """Run every stage; writes ``out/metrics.json``, ``out/report.html``, ``out/recon/<set>/<label>.png``.
+def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, train_labels: list[str],
+                 train_images: np.ndarray, sets: list[TestSet], network, layers: list[str], config: PipelineConfig,
+                 out: Path, cache: Path, log: Log):
+    """Fit the decoders and decode every test set.
 
-    Returns the metrics dictionary.
+    Returns (decoded {set: {layer: (n, *shape)}}, empty decoding-score dicts per set,
+    statistics {"<layer>/mean" (shape), "<layer>/sd" (units,), "<layer>/true_sd", "<layer>/cv_r2"},
+    {layer: {"alpha", "cv_r2", "roi"}}).
     """
-    from .report.html import write_report
+    from .decode.streaming import combination_weights, readout_cached, readout_stream, training_pass
+    from .executors import make_executor
 
-    config = config or PipelineConfig()
-    log = log or Log()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    digest = config.digest()
-    cache = out / "cache" / digest
-    cache.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.model_dump_json(indent=2))
-
-    log.stage("loading fMRI and images")
-    train, image_index, train_labels, train_images, sets = load_inputs(train_path, tests, images_dir, config, log)
-    try:
-        network = load_network(config.network)
-    except ValueError as err:
-        raise PipelineError(str(err)) from err
-    layers = config.layers or network.layer_names
     shapes = network.unit_shapes(config.image_size)
+    units = {k: int(np.prod(shapes[k])) for k in layers}
+    counts = np.bincount(image_index, minlength=len(train_labels))
+    cache_bytes = 4 * len(train_images) * sum(units.values())
+    mode = config.feature_store
+    if mode == "auto":
+        mode = "disk" if cache_bytes <= config.feature_cache_gb * 1e9 else "stream"
+    if mode not in ("disk", "stream"):
+        raise PipelineError(f"feature_store must be auto, disk or stream, not {mode!r}")
 
-    log.stage(f"features of {len(train_images)} training images ({len(layers)} layers, {config.image_size} px)")
     # training features depend only on the network, input size, layers and images: shared by runs that differ otherwise
     feat_key = hashlib.sha256(json.dumps([config.network, config.image_size, layers, train_labels]).encode()).hexdigest()[:16]
-    feat_path = cache_features(network, train_images, layers, out / "cache" / f"features-{feat_key}.h5",
-                               progress=lambda i, n: log(f"  features {i}/{n}") if i == n else None)
+    feat_path = out / "cache" / f"features-{feat_key}.h5"
+    stats_path = out / "cache" / f"stats-{feat_key}-{config.alpha_sample_units}-{config.seed}.npz"
+    log.stage(f"features of {len(train_images)} training images ({len(layers)} layers, {config.image_size} px, "
+              f"{cache_bytes / 1e9:.1f} GB: {'cached on disk' if mode == 'disk' else 'streamed'})")
+    progress = lambda i, n: log(f"  {i}/{n} images") if i == n or i % (20 * config.batch_size) == 0 else None
+    if stats_path.exists() and (mode == "stream" or feat_path.exists()):
+        z = np.load(stats_path)
+        from .decode.streaming import LayerStats
+        lstats = {k: LayerStats(tuple(z[f"{k}/shape"]), z[f"{k}/mean"], z[f"{k}/sd"], float(z[f"{k}/channel_sd"]),
+                                z[f"{k}/sample_index"], z[f"{k}/sample"]) for k in layers}
+        log("  reused training statistics" + (" and feature cache" if mode == "disk" else ""))
+    else:
+        lstats = training_pass(network, train_images, layers, counts, config.alpha_sample_units, seed=config.seed,
+                               batch_size=config.batch_size, cache=feat_path if mode == "disk" else None,
+                               progress=progress)
+        np.savez(stats_path, **{f"{k}/{f}": getattr(v, f) for k, v in lstats.items()
+                                for f in ("shape", "mean", "sd", "channel_sd", "sample_index", "sample")})
 
     log.stage("fitting decoders")
     decoders: dict[str, tuple[KernelRidgeDecoder, dict[str, np.ndarray]]] = {}
@@ -209,36 +228,76 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
             decoders[roi] = (KernelRidgeDecoder(np.array(config.alphas)).fit(X_train, image_index), X_test)
         return decoders[roi]
 
-    rng = np.random.default_rng(config.seed)
-    true_feats = {s.name: extract_features(network, s.images, layers) for s in sets}
-    decoded = {s.name: {} for s in sets}
-    stats: dict[str, np.ndarray] = {}
-    decoding = {s.name: {} for s in sets}
-    alphas = {}
-    with h5py.File(feat_path, "r") as f:
-        for layer in layers:
-            Y = f[layer][...]                                                  # (n_images, units)
-            decoder, test_X = decoder_for(layer)
-            sample = rng.choice(Y.shape[1], min(config.alpha_sample_units, Y.shape[1]), replace=False)
-            alpha, scores = decoder.choose_alpha(Y[:, np.sort(sample)])
-            alphas[layer] = {"alpha": alpha, "cv_r2": float(scores.max())}
-            if alpha in (config.alphas[0], config.alphas[-1]):
-                log(f"  warning: {layer} penalty {alpha:g} is at the edge of the search grid")
-            mean = decoder.target_mean(Y)
-            sd = decoder.target_sd(Y, mean)
-            stats[f"{layer}/mean"] = mean.reshape(shapes[layer]).astype(np.float32)
-            stats[f"{layer}/true_sd"] = np.float32(channel_sd(Y.reshape(len(Y), *shapes[layer])).mean())
-            stats[f"{layer}/cv_r2"] = np.float32(scores.max())
-            for s in sets:
-                B = decoder.test_weights(test_X[s.name], alpha)
-                pred = decoder.predict(B, Y, mean)
-                decoding[s.name][layer] = decoding_accuracy(pred, true_feats[s.name][layer].reshape(len(pred), -1),
-                                                            mean, sd)
-                decoded[s.name][layer] = pred.reshape(len(pred), *shapes[layer])
-            log(f"  {layer}: alpha {alpha:g} (CV R2 {scores.max():.3f}), profile r " +
-                ", ".join(f"{k} {v[layer]['profile_correlation']:.3f}" for k, v in decoding.items()))
-            del Y
+    w = counts / counts.sum()
+    C, alphas, stats = {}, {}, {}
+    for layer in layers:
+        decoder, test_X = decoder_for(layer)
+        st = lstats[layer]
+        alpha, scores = decoder.choose_alpha(st.sample)
+        alphas[layer] = {"alpha": alpha, "cv_r2": float(scores.max()), "roi": roi_for_layer(layer, config)}
+        if alpha in (config.alphas[0], config.alphas[-1]):
+            log(f"  warning: {layer} penalty {alpha:g} is at the edge of the search grid")
+        log(f"  {layer}: alpha {alpha:g} (CV R2 {scores.max():.3f})")
+        C[layer] = combination_weights(np.vstack([decoder.test_weights(test_X[s.name], alpha) for s in sets]), w)
+        stats[f"{layer}/mean"] = st.mean.reshape(shapes[layer])
+        stats[f"{layer}/sd"] = st.sd
+        stats[f"{layer}/true_sd"] = np.float32(st.channel_sd)
+        stats[f"{layer}/cv_r2"] = np.float32(scores.max())
 
+    log.stage(f"decoding {sum(len(s.labels) for s in sets)} test images ({sum(units.values()):,} units)")
+    if mode == "disk":
+        executor = make_executor(config.executor, config.executor_options)
+        try:
+            flat = readout_cached(feat_path, C, units, cache / "decoded_chunks", executor, config.chunk_units,
+                                  progress=lambda i, n: log(f"  {i}/{n} tasks") if i == n or i % 50 == 0 else None)
+        finally:
+            if executor is not None:
+                executor.close()
+    else:
+        flat = readout_stream(network, train_images, C, config.batch_size, progress=progress)
+    decoded, row = {}, 0
+    for s in sets:
+        decoded[s.name] = {k: flat[k][row:row + len(s.labels)].reshape(len(s.labels), *shapes[k]) for k in layers}
+        row += len(s.labels)
+    return decoded, {s.name: {} for s in sets}, stats, alphas
+
+
+def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out: Path,
+                 config: PipelineConfig | None = None, log: Log | None = None, extra: dict | None = None) -> dict:
+    """Run every stage; writes ``out/metrics.json``, ``out/report.html``, ``out/recon/<set>/<label>.png``.
+
+    Returns the metrics dictionary.
+    """
+    from .report.html import write_report
+
+    config = config or PipelineConfig()
+    log = log or Log()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    digest = config.digest([train_path, *tests.values()])
+    cache = out / "cache" / digest
+    cache.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.model_dump_json(indent=2))
+
+    log.stage("loading fMRI and images")
+    train, image_index, train_labels, train_images, sets = load_inputs(train_path, tests, images_dir, config, log)
+    try:
+        network = load_network(config.network)
+    except ValueError as err:
+        raise PipelineError(str(err)) from err
+    layers = config.layers or network.layer_names
+
+    decoded, decoding, stats, alphas = decode_stage(train_path, train, image_index, train_labels, train_images, sets,
+                                                    network, layers, config, out, cache, log)
+    true_feats = {s.name: extract_features(network, s.images, layers) for s in sets}
+    for s in sets:
+        for layer in layers:
+            t = true_feats[s.name][layer].reshape(len(s.labels), -1)
+            decoding[s.name][layer] = decoding_accuracy(decoded[s.name][layer].reshape(len(t), -1), t,
+                                                        stats[f"{layer}/mean"].ravel(), stats[f"{layer}/sd"])
+        log(f"  profile r '{s.name}': " + ", ".join(f"{k} {v['profile_correlation']:.3f}"
+                                                     for k, v in decoding[s.name].items()))
     np.savez(cache / "feature_stats.npz", **stats)
     for s in sets:
         np.savez(cache / f"decoded_{s.name}.npz", **decoded[s.name])

@@ -1,0 +1,174 @@
+"""Kernel ridge decoding at any scale: training features streamed, never held whole.
+
+A kernel ridge decoder's prediction for test samples is a fixed linear combination of the
+training images' features: ``decoded = mean + B (Y - mean) = C Y`` with
+``C = B + (1 - B 1) w^T`` (``w``: each image's share of the training samples, so ``mean = w^T Y``).
+``C`` (n_test, n_images) is small, so decoding needs only:
+
+1. one pass over the training images for per-unit statistics (mean, SD, channel SD) and a sample
+   of units per layer (to choose the layer's ridge penalty) -> :func:`training_pass`;
+2. ``C Y`` for every unit, either accumulated batch by batch of training images during a second
+   forward pass (:func:`readout_stream`: features are never stored) or computed chunk by chunk of
+   units from an HDF5 feature cache written by the first pass (:func:`readout_cached`: independent
+   tasks for an executor, each saved when done so that an interrupted run resumes).
+
+Peak memory (float32): ``(n_test + batch_size) x units`` for streaming, plus two float64 vectors of
+``units`` for the statistics; ``(n_test + n_images) x chunk_units`` per cached task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+
+Progress = Callable[[int, int], None] | None
+
+
+@dataclass
+class LayerStats:
+    """Training statistics of one layer's units (weighted by presentations, like the decoder)."""
+    shape: tuple[int, ...]        # unit shape, e.g. (C, h, w)
+    mean: np.ndarray              # (units,) float32
+    sd: np.ndarray                # (units,) float32, ddof=1 over training samples
+    channel_sd: float             # mean over images and channels of the per-image channel SD
+    sample_index: np.ndarray      # (k,) units sampled to choose the penalty
+    sample: np.ndarray            # (n_images, k) their values
+
+
+def combination_weights(B: np.ndarray, image_weights: np.ndarray) -> np.ndarray:
+    """``C`` (n_test, n_images) with ``mean + B (Y - mean) = C Y`` for ``mean = w^T Y``."""
+    return (B + (1.0 - B.sum(1, keepdims=True)) * image_weights[None, :]).astype(np.float32)
+
+
+def _channel_sd_sum(a: torch.Tensor) -> float:
+    """Sum over images of the mean channel SD (as :func:`brainrecon.decode.rescale.channel_sd`)."""
+    f = a.flatten(2) if a.ndim > 2 else a[:, None, :]
+    return float(f.std(dim=2, correction=1 if f.shape[2] > 1 else 0).mean(1).sum())
+
+
+@torch.inference_mode()
+def training_pass(network, images: np.ndarray, layers: list[str], counts: np.ndarray, n_sample: int,
+                  seed: int = 0, batch_size: int = 16, cache: Path | None = None,
+                  progress: Progress = None) -> dict[str, LayerStats]:
+    """Statistics and a unit sample per layer from one forward pass over ``images`` (n, 3, H, W).
+
+    ``counts`` (n,): presentations of each image in the training fMRI. With ``cache`` the features
+    are also written there (HDF5, one (n, units) dataset per layer, chunked by units) for
+    :func:`readout_cached`; the file is only renamed into place once complete.
+    """
+    n = len(images)
+    c = torch.as_tensor(counts, dtype=torch.float64)
+    rng = np.random.default_rng(seed)
+    acc: dict[str, dict] = {}
+    tmp = Path(cache).with_suffix(".partial.h5") if cache else None
+    h5 = h5py.File(tmp, "w") if tmp else None
+    try:
+        for s in range(0, n, batch_size):
+            feats = network(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).float(), layers)
+            cb = c[s:s + batch_size]
+            for k in layers:
+                a = feats[k]
+                flat = a.flatten(1)
+                if k not in acc:
+                    units = flat.shape[1]
+                    idx = np.sort(rng.choice(units, min(n_sample, units), replace=False))
+                    acc[k] = dict(shape=tuple(a.shape[1:]), s1=torch.zeros(units, dtype=torch.float64),
+                                  s2=torch.zeros(units, dtype=torch.float64), csd=0.0, idx=idx,
+                                  sample=np.empty((n, len(idx)), np.float32))
+                    if h5 is not None:
+                        # chunks of one batch of images x 65536 units: whole-chunk writes, column reads of 4 MB pieces
+                        h5.create_dataset(k, (n, units), dtype="f4", chunks=(min(batch_size, n), min(units, 65536))
+                                          ).attrs["shape"] = a.shape[1:]
+                d = acc[k]
+                f64 = flat.double()
+                d["s1"] += cb @ f64
+                d["s2"] += cb @ f64.square()
+                d["csd"] += _channel_sd_sum(a)
+                d["sample"][s:s + len(a)] = flat[:, d["idx"]].numpy()
+                if h5 is not None:
+                    h5[k][s:s + len(a)] = flat.numpy()
+            if progress:
+                progress(min(s + batch_size, n), n)
+        if h5 is not None:
+            h5.attrs["complete"] = True
+            h5.close()
+            h5 = None
+            tmp.replace(cache)
+    finally:
+        if h5 is not None:
+            h5.close()
+    total = float(c.sum())
+    out = {}
+    for k, d in acc.items():
+        mean = d["s1"] / total
+        var = ((d["s2"] - total * mean.square()) / max(total - 1, 1)).clamp(min=0)
+        out[k] = LayerStats(d["shape"], mean.float().numpy(), var.sqrt().float().numpy(), d["csd"] / n,
+                            d["idx"], d["sample"])
+    return out
+
+
+@torch.inference_mode()
+def readout_stream(network, images: np.ndarray, C: dict[str, np.ndarray], batch_size: int = 16,
+                   progress: Progress = None) -> dict[str, np.ndarray]:
+    """``{layer: C[layer] @ Y_layer}`` (n_test, units) accumulated over batches of training images."""
+    layers = list(C)
+    out: dict[str, torch.Tensor] = {}
+    for s in range(0, len(images), batch_size):
+        feats = network(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).float(), layers)
+        for k in layers:
+            flat = feats[k].flatten(1)
+            w = torch.from_numpy(C[k][:, s:s + len(flat)])
+            if k not in out:
+                out[k] = torch.zeros(len(w), flat.shape[1])
+            out[k].addmm_(w, flat)
+        if progress:
+            progress(min(s + batch_size, len(images)), len(images))
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def decode_chunk(cache: str, layer: str, start: int, stop: int, C: np.ndarray, out: str | None = None) -> np.ndarray | str:
+    """One task: ``C @ Y[:, start:stop]`` for a layer of the feature cache; saved to ``out`` if given."""
+    with h5py.File(cache, "r") as f:
+        Y = f[layer][:, start:stop]
+    result = C @ Y
+    if out is None:
+        return result
+    tmp = f"{out}.tmp.npy"
+    np.save(tmp, result)
+    Path(tmp).replace(out)
+    return out
+
+
+def chunk_tasks(units: dict[str, int], chunk_units: int) -> list[tuple[str, int, int]]:
+    """(layer, start, stop) for every chunk of every layer."""
+    return [(k, s, min(s + chunk_units, u)) for k, u in units.items() for s in range(0, u, chunk_units)]
+
+
+def readout_cached(cache: Path, C: dict[str, np.ndarray], units: dict[str, int], done_dir: Path,
+                   executor=None, chunk_units: int = 65536, progress: Progress = None) -> dict[str, np.ndarray]:
+    """``{layer: C[layer] @ Y_layer}`` from the feature cache, as independent (layer, unit chunk) tasks.
+
+    Each task's result is saved in ``done_dir``; tasks already saved there are not recomputed.
+    ``executor``: an object with ``map(fn, *iterables) -> iterable`` (see
+    :mod:`brainrecon.executors`); the tasks run in this process when None.
+    """
+    done_dir = Path(done_dir)
+    done_dir.mkdir(parents=True, exist_ok=True)
+    tasks = chunk_tasks(units, chunk_units)
+    path_of = {t: str(done_dir / f"{t[0]}-{t[1]}.npy") for t in tasks}
+    todo = [t for t in tasks if not Path(path_of[t]).exists()]
+    if todo:
+        args = ([str(cache)] * len(todo), [t[0] for t in todo], [t[1] for t in todo], [t[2] for t in todo],
+                [C[t[0]] for t in todo], [path_of[t] for t in todo])
+        results = executor.map(decode_chunk, *args) if executor is not None else map(decode_chunk, *args)
+        for i, _ in enumerate(results):
+            if progress:
+                progress(len(tasks) - len(todo) + i + 1, len(tasks))
+    out = {k: np.empty((len(C[k]), u), np.float32) for k, u in units.items()}
+    for k, s, e in tasks:
+        out[k][:, s:e] = np.load(path_of[(k, s, e)])
+    return out
