@@ -121,6 +121,7 @@ def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any o
     missing = [k for k in ("train", "test", "images", "out") if not opts.get(k)]
     if missing:
         _fail("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or as keys of the config file)")
+    opts = _check_inputs(opts, config, given)
     cfg = PipelineConfig(network=opts["network"], image_size=opts["image_size"], roi=opts["roi"], seed=opts["seed"],
                          layer_rois=_pairs(opts["layer_roi"], "layer_roi", "LAYER: ROI"),
                          recon=ReconConfig(iterations=opts["iterations"], seed=opts["seed"]),
@@ -159,6 +160,65 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="output folder"),
     _run_guarded(lambda: run_pipeline(paths["train"], tests, subject / "images", out, cfg, log=log,
                                       extra={"simulation_seconds": sim_seconds}))
     err.print(f"[green]done in {time.time() - t0:.0f} s:[/] open {out / 'report.html'}")
+
+
+def _check_inputs(opts: dict, config: Optional[Path], given: dict) -> dict:
+    """Expand ``~`` in ``KIND:PATH`` specs (network, generator) and take relative ones from a config
+    file's folder; then fail, naming the ``brainrecon download`` commands, if an input is missing."""
+    from .data.download import missing_artefact_hint
+    from .data.registry import STIMULUS_REQUEST_URL
+
+    opts = dict(opts)
+    spec_files = []
+    for key in ("network", "generator"):
+        kind, sep, path = str(opts.get(key) or "").partition(":")
+        if sep and path:
+            p = Path(path).expanduser()
+            if config is not None and given.get(key) is None and not p.is_absolute():
+                p = config.parent / p
+            opts[key] = f"{kind}:{p}"
+            spec_files.append(p)
+    files = [Path(opts["train"]), *(Path(v) for v in opts["test"].values()), *spec_files]
+    missing = list(dict.fromkeys(str(p) for p in files if not p.exists()))
+    problems = []
+    if missing:
+        hint = missing_artefact_hint(missing)
+        fix = f"download with: {hint}" if hint else "check the paths"
+        problems.append(f"no such file: {', '.join(missing)}; {fix}")
+    if not Path(opts["images"]).is_dir():
+        problems.append(f"no such image folder: {opts['images']}; the stimulus images are not published (ImageNet "
+                        f"licence): ask the lab for them at {STIMULUS_REQUEST_URL}, then put them in this folder "
+                        "named by ImageNet id, e.g. n01518878_5958.JPEG (subfolders are searched)")
+    if problems:
+        _fail("\n".join(problems))
+    return opts
+
+
+@app.command()
+def download(names: Optional[list[str]] = typer.Argument(None, help="artefacts, groups (paper-subject1, models, all) "
+                                                                    "or prefixes (fmri/sub-01); see --list"),
+             dest: Optional[Path] = typer.Option(None, help="download folder (default: $BRAINRECON_HOME, "
+                                                            "else ~/.cache/brainrecon)"),
+             list_: bool = typer.Option(False, "--list", help="list the artefacts and groups, and what is downloaded"),
+             force: bool = typer.Option(False, "--force", help="download again even if already complete")):
+    """Download the real fMRI data and the lab's networks from figshare (resumable, verified)."""
+    from .data.download import DownloadError, describe, download as fetch_artefacts
+    from .data.registry import RegistryError
+
+    if list_:
+        typer.echo(describe(dest))
+        return
+    if not names:
+        _fail("name what to download, e.g. brainrecon download paper-subject1 (see brainrecon download --list)")
+    try:
+        paths = fetch_artefacts(names, dest, force=force, log=lambda m: err.print(m, highlight=False, markup=False))
+    except (DownloadError, RegistryError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        err.print("interrupted: run the same command again to resume")
+        raise typer.Exit(130)
+    for p in paths:
+        typer.echo(str(p))
 
 
 def main() -> None:  # pragma: no cover

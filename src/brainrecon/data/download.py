@@ -1,0 +1,469 @@
+"""Fetch the published artefacts (``brainrecon download``): resumable, verified, unpacked, recorded.
+
+A file is fetched into ``<file>.part``, resumed with an HTTP Range request after an interruption (or
+fetched from the start when the server ignores Range), checked against the known size and
+checksums, then renamed into place; a file that fails the checks is deleted and fetched once more.
+Zip archives are unpacked into a folder next to them (members that would land outside it are
+refused) and their expected files checked. ``manifest.json`` in the download folder records each
+artefact (name, url, size, sha256, md5, time, files); a recorded artefact whose files are present
+is not fetched again.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import shutil
+import time
+import zipfile
+import zlib
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from urllib.error import HTTPError, URLError
+from urllib.request import Request, urlopen
+
+from .. import __version__
+from .registry import (
+    ARTEFACTS,
+    GROUP_HELP,
+    GROUPS,
+    MIRROR_ENV,
+    Artefact,
+    default_home,
+    expand,
+    find_by_filename,
+    mirror_url,
+)
+
+CHUNK = 1 << 20
+TIMEOUT = 60          # seconds without data before a connection counts as broken
+RETRIES = 3           # automatic resumes after a broken connection
+RETRY_WAIT = 2.0      # seconds before the 2nd, 3rd... resume (the first is immediate)
+MANIFEST = "manifest.json"
+USER_AGENT = f"brainrecon/{__version__} (python urllib)"
+
+Log = Callable[[str], None]
+
+
+class DownloadError(RuntimeError):
+    """A failed download; the message names the URL or file and what to do."""
+
+
+@dataclass
+class Fetched:
+    """A verified download."""
+    path: Path
+    url: str
+    size: int
+    sha256: str
+    md5: str
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def _http_advice(code: int, hint: str) -> str:
+    if code in (404, 410):
+        return hint or "check the address"
+    if code in (401, 403):
+        return "access was refused: the file may have been withdrawn; " + (hint or "check the address")
+    if code == 429 or code >= 500:
+        return "the server is busy or failing: try again later"
+    return hint or "check the address"
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """``bytes 100-199/1000`` -> (100, 1000); ``bytes */1000`` -> (None, 1000)."""
+    try:
+        span, _, total = value.split(" ", 1)[1].partition("/")
+        start = None if span == "*" else int(span.split("-")[0])
+        return start, None if total in ("", "*") else int(total)
+    except (AttributeError, IndexError, ValueError):
+        return None, None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def _transfer(url: str, part: Path, *, label: str, hint: str, progress, retries: int, timeout: float,
+              log: Log) -> None:
+    """Bring ``part`` to the full content of ``url``, resuming it with Range requests."""
+    meta_path = part.with_name(part.name + ".json")  # total size and ETag of the partial file
+    task = progress.add_task(label, total=None) if progress is not None else None
+    try:
+        for attempt in range(retries + 1):
+            if attempt > 1:
+                time.sleep(RETRY_WAIT * (attempt - 1))
+            have = part.stat().st_size if part.exists() else 0
+            meta = _read_json(meta_path) if have else {}
+            headers = {"User-Agent": USER_AGENT}
+            if have:
+                headers["Range"] = f"bytes={have}-"
+                if meta.get("etag"):
+                    headers["If-Range"] = meta["etag"]
+            try:
+                resp = urlopen(Request(url, headers=headers), timeout=timeout)
+            except HTTPError as e:
+                if e.code == 416 and have:   # nothing left to send, or the file changed
+                    if _content_range(e.headers.get("Content-Range"))[1] == have:
+                        return
+                    part.unlink()
+                    meta_path.unlink(missing_ok=True)
+                    continue
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}; {_http_advice(e.code, hint)}") from None
+            except (URLError, OSError, http.client.HTTPException) as e:
+                reason = getattr(e, "reason", None) or e
+                if attempt < retries:
+                    log(f"{label}: cannot connect ({reason}); trying again")
+                    continue
+                raise DownloadError(f"{url}: cannot connect ({reason}); check the network connection, "
+                                    f"or set {MIRROR_ENV} to a server holding a copy of the files") from None
+            with resp:
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                if have and resp.status == 206:
+                    start, total = _content_range(resp.headers.get("Content-Range"))
+                    if start != have or (meta.get("total") and total and total != meta["total"]):
+                        log(f"{label}: the file on the server changed; downloading from the start")
+                        part.unlink()
+                        continue
+                    mode = "ab"
+                else:
+                    if have:
+                        log(f"{label}: the server sent the whole file instead of the rest; downloading from the start")
+                    have, mode = 0, "wb"
+                _write_json(meta_path, {"url": url, "total": total, "etag": resp.headers.get("ETag")})
+                if task is not None:
+                    progress.update(task, total=total, completed=have)
+                got, broken = have, None
+                with open(part, mode) as f:
+                    while True:
+                        try:
+                            chunk = resp.read(CHUNK)
+                        except (http.client.HTTPException, OSError) as e:   # reset, timeout, incomplete
+                            broken = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                            break
+                        if not chunk:
+                            break
+                        try:
+                            f.write(chunk)
+                        except OSError as e:
+                            raise DownloadError(f"{part}: cannot write ({e.strerror or e}); free disk space "
+                                                "or choose another folder with --dest") from None
+                        got += len(chunk)
+                        if task is not None:
+                            progress.update(task, completed=got)
+            if broken is None and total is not None and got < total:
+                broken = "connection closed early"
+            if broken is None:
+                return
+            if attempt < retries:
+                log(f"{label}: transfer interrupted at {_mb(got)} of {_mb(total)} ({broken}); resuming")
+                continue
+            raise DownloadError(f"{url}: transfer interrupted after {_mb(got)} of {_mb(total)} ({broken}); "
+                                f"the partial file {part} is kept: run the same command again to resume")
+        raise DownloadError(f"{url}: the download did not complete after {retries + 1} tries; run the "
+                            "same command again to resume")
+    finally:
+        if task is not None:
+            progress.remove_task(task)
+
+
+def file_digests(path: Path) -> tuple[int, str, str]:
+    """(size, sha256, md5) of a file."""
+    sha, md5, size = hashlib.sha256(), hashlib.md5(), 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            sha.update(block)
+            md5.update(block)
+            size += len(block)
+    return size, sha.hexdigest(), md5.hexdigest()
+
+
+def _mismatch(got: tuple[int, str, str], size, sha256, md5) -> str | None:
+    n, s, m = got
+    if size is not None and n != size:
+        return f"size {n} bytes, expected {size}"
+    if sha256 and s != sha256.lower():
+        return f"sha256 {s}, expected {sha256}"
+    if md5 and m != md5.lower():
+        return f"md5 {m}, expected {md5}"
+    return None
+
+
+def fetch(url: str, path, *, size: int | None = None, sha256: str | None = None, md5: str | None = None,
+          label: str | None = None, hint: str = "", progress=None, retries: int | None = None,
+          timeout: float | None = None, log: Log = _quiet) -> Fetched:
+    """Download ``url`` to ``path`` (via ``path.part``, resumable) and verify what is known of it.
+
+    A file whose size or checksum differs is deleted and fetched once more from the start; a second
+    mismatch raises ``DownloadError``. ``progress``: a ``rich.progress.Progress`` to show a bar on.
+    """
+    path = Path(path)
+    label = label or path.name
+    retries = RETRIES if retries is None else retries
+    timeout = TIMEOUT if timeout is None else timeout
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    meta = part.with_name(part.name + ".json")
+    problem = None
+    for attempt in (1, 2):
+        _transfer(url, part, label=label, hint=hint, progress=progress, retries=retries, timeout=timeout, log=log)
+        got = file_digests(part)
+        problem = _mismatch(got, size, sha256, md5)
+        if problem is None:
+            part.replace(path)
+            meta.unlink(missing_ok=True)
+            return Fetched(path, url, *got)
+        part.unlink()
+        meta.unlink(missing_ok=True)
+        if attempt == 1:
+            log(f"{label}: damaged download ({problem}); deleted it, downloading again")
+    raise DownloadError(f"{url}: the download is damaged again ({problem}); the copy was deleted. The server's "
+                        "file differs from the published one: try again later, or fetch it by hand from the "
+                        "dataset page")
+
+
+# ------------------------------------------------------------------------------------ archives
+
+def _member_parts(archive: Path, name: str, folder: Path) -> tuple[str, ...]:
+    """Path components of an archive member; refuses names that would leave the unpack folder."""
+    norm = name.replace("\\", "/")
+    parts = tuple(p for p in PurePosixPath(norm).parts if p not in ("", "."))
+    if norm.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
+        raise DownloadError(f"{archive}: refusing to unpack: member {name!r} would be written outside {folder}; "
+                            "the archive is damaged or not the published one: delete it and download again")
+    return parts
+
+
+def unpack_zip(archive, folder, expect=()) -> dict[str, int]:
+    """Unpack a zip into ``folder`` (replacing it) and check that the ``expect`` files are there
+    (an entry ``a|b`` asks for either).
+
+    A single top-level folder in the archive is dropped, so ``x.zip`` holding ``x/a.pt`` and one
+    holding ``a.pt`` both give ``folder/a.pt``. Returns ``{file relative to folder: size}``.
+    """
+    archive, folder = Path(archive), Path(folder)
+    tmp = folder.with_name(f".{folder.name}.unpacking")
+    with zipfile.ZipFile(archive) as zf:
+        members = [i for i in zf.infolist() if not i.filename.startswith("__MACOSX/")]
+        parts = [_member_parts(archive, i.filename, folder) for i in members]
+        tops = {p[0] for p in parts if p}
+        strip = int(len(tops) == 1 and any(len(p) > 1 or i.is_dir() for i, p in zip(members, parts) if p))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        root = tmp.resolve()
+        try:
+            for info, p in zip(members, parts):
+                p = p[strip:]
+                if not p:
+                    continue
+                target = root.joinpath(*p)
+                if not target.resolve().is_relative_to(root):
+                    raise DownloadError(f"{archive}: refusing to unpack: member {info.filename!r} would be "
+                                        f"written outside {folder}")
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    missing = [e.replace("|", " or ") for e in expect if not any((tmp / alt).is_file() for alt in e.split("|"))]
+    if missing:
+        found = sorted(q.relative_to(tmp).as_posix() for q in tmp.rglob("*") if q.is_file())
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DownloadError(f"{archive}: the archive lacks {', '.join(missing)} (it holds "
+                            f"{', '.join(found[:6]) or 'nothing'}{', ...' if len(found) > 6 else ''}); "
+                            "the published archive may have changed: please report it")
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return {q.relative_to(folder).as_posix(): q.stat().st_size for q in sorted(folder.rglob("*")) if q.is_file()}
+
+
+# ------------------------------------------------------------------------------------ manifest
+
+def read_manifest(home) -> dict:
+    """``{"artefacts": {name: record}}`` of a download folder (empty if none)."""
+    data = _read_json(Path(home) / MANIFEST)
+    if not isinstance(data.get("artefacts"), dict):
+        data = {"artefacts": {}}
+    return data
+
+
+def _record(home: Path, rec: dict) -> None:
+    data = read_manifest(home)
+    data["artefacts"][rec["name"]] = rec
+    _write_json(home / MANIFEST, data)
+
+
+def is_complete(artefact: Artefact, home, manifest: dict | None = None) -> bool:
+    """Recorded in the manifest (with the published checksums, if any) and its files present at their size."""
+    home = Path(home)
+    rec = (manifest or read_manifest(home))["artefacts"].get(artefact.name)
+    if not isinstance(rec, dict) or not isinstance(rec.get("files"), dict):
+        return False
+    for key in ("sha256", "md5", "size"):
+        want = getattr(artefact, key)
+        if want and rec.get(key) != want:
+            return False
+    files = rec["files"]
+    return all(isinstance(n, int) and (home / rel).is_file() and (home / rel).stat().st_size == n
+               for rel, n in files.items()) and all(any(alt in files for alt in group) for group in artefact.expected())
+
+
+def _hint(a: Artefact, mirror: str | None) -> str:
+    if mirror_url(mirror):
+        return f"the mirror has no {a.file}: copy it there, or unset {MIRROR_ENV} to use figshare"
+    return f"look for {a.file} on {a.page}, or set {MIRROR_ENV} to a server holding a copy"
+
+
+def _get(a: Artefact, home: Path, mirror: str | None, progress, keep_archive: bool, log: Log) -> dict:
+    """Fetch (and unpack) one artefact; returns its manifest record."""
+    url = a.url(mirror)
+    path = home / a.relpath
+    for attempt in (1, 2):
+        got = fetch(url, path, size=a.size, sha256=a.sha256, md5=a.md5, label=a.name,
+                    hint=_hint(a, mirror), progress=progress, log=log)
+        files = {a.relpath: got.size}
+        if not a.unpack:
+            break
+        try:
+            inner = unpack_zip(path, home / a.unpack_dir, a.expect)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            path.unlink()
+            if attempt == 2:
+                raise DownloadError(f"{url}: not a valid zip archive ({e}) after a second download; the copy "
+                                    "was deleted: try again later") from None
+            log(f"{a.name}: damaged archive ({e}); deleted it, downloading again")
+            continue
+        files = {f"{a.unpack_dir}/{rel}": n for rel, n in inner.items()}
+        if keep_archive:
+            files[a.relpath] = got.size
+        else:
+            path.unlink()
+        break
+    return {"name": a.name, "url": url, "file": a.relpath, "size": got.size, "sha256": got.sha256,
+            "md5": got.md5, "time": datetime.now(UTC).isoformat(timespec="seconds"), "files": files}
+
+
+def _adopt(a: Artefact, home: Path, log: Log) -> dict | None:
+    """A plain file already in place (no manifest record) whose published checksum matches."""
+    path = home / a.relpath
+    if a.unpack or not (a.sha256 or a.md5) or not path.is_file():
+        return None
+    got = file_digests(path)
+    if _mismatch(got, a.size, a.sha256, a.md5):
+        return None
+    log(f"{a.name}: found {path} with the published checksum; recorded it")
+    return {"name": a.name, "url": a.url(), "file": a.relpath, "size": got[0], "sha256": got[1], "md5": got[2],
+            "time": datetime.now(UTC).isoformat(timespec="seconds"), "files": {a.relpath: got[0]}}
+
+
+def _progress_bar():
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True))
+
+
+def download(names, dest=None, *, mirror: str | None = None, force: bool = False, progress: bool = True,
+             keep_archives: bool = False, log: Log | None = None) -> list[Path]:
+    """Fetch artefacts by name (entries, groups such as ``paper-subject1``, prefixes such as
+    ``fmri/sub-01``) into ``dest`` (default ``default_home()``); returns the files they provide.
+
+    Recorded, complete artefacts are skipped unless ``force``. ``mirror``: base URL serving the
+    files by name (default ``$BRAINRECON_MIRROR``, else figshare).
+    """
+    log = log or _quiet
+    items = expand(names)
+    home = Path(dest).expanduser() if dest is not None else default_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"{home}: cannot create the download folder ({e.strerror or e}); "
+                            "choose another with --dest or $BRAINRECON_HOME") from None
+    bar = _progress_bar() if progress else None
+    with bar if bar is not None else nullcontext():
+        for a in items:
+            manifest = read_manifest(home)
+            if not force and is_complete(a, home, manifest):
+                log(f"{a.name}: already downloaded")
+                continue
+            rec = None if force else _adopt(a, home, log)
+            if rec is None:
+                try:
+                    rec = _get(a, home, mirror, bar, keep_archives, log)
+                except DownloadError as e:
+                    raise DownloadError(f"{a.name}: {e}") from None
+                log(f"{a.name}: done ({_mb(rec['size'])})")
+            _record(home, rec)
+    return [p for a in items for p in a.paths(home)]
+
+
+def describe(dest=None) -> str:
+    """The artefacts and groups as text, with what is already in the download folder."""
+    home = Path(dest).expanduser() if dest is not None else default_home()
+    manifest = read_manifest(home)
+    width = max(map(len, list(ARTEFACTS) + list(GROUPS)))
+    lines = [f"download folder: {home}", "", "artefacts:"]
+    for a in ARTEFACTS.values():
+        mark = "[downloaded]" if is_complete(a, home, manifest) else ""
+        lines.append(f"  {a.name:<{width}}  {a.description} {mark}".rstrip())
+    lines += ["", "groups (a prefix such as fmri/sub-01 also names everything below it):"]
+    lines += [f"  {g:<{width}}  {GROUP_HELP.get(g, ', '.join(GROUPS[g]))}" for g in GROUPS]
+    return "\n".join(lines)
+
+
+def missing_artefact_hint(paths, home=None) -> str | None:
+    """For missing files, the ``brainrecon download`` command(s) that provide them (matched by file
+    name), with ``--dest`` where the paths follow the download layout under another folder; None if
+    no file matches."""
+    home = Path(home).expanduser() if home is not None else default_home()
+    by_dest: dict[str, list[str]] = {}
+    elsewhere = []
+    for p in paths:
+        p = Path(p).expanduser()
+        hits = find_by_filename(p.name)
+        if not hits:
+            continue
+        a, rel = hits[0]
+        posix = p.as_posix()
+        if posix.endswith("/" + rel):
+            dest = Path(posix[:-len(rel) - 1] or "/")
+            key = "" if dest.resolve() == home.resolve() else str(dest)
+        else:
+            key = ""
+            elsewhere.append(p.name)
+        names = by_dest.setdefault(key, [])
+        if a.name not in names:
+            names.append(a.name)
+    if not by_dest:
+        return None
+    text = " ; ".join(f"brainrecon download {' '.join(n)}" + (f" --dest {d}" if d else "")
+                      for d, n in by_dest.items())
+    if elsewhere:
+        text += f" (it saves {', '.join(elsewhere)} under {home}: point the paths there)"
+    return text

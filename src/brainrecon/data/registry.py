@@ -1,0 +1,204 @@
+"""The published artefacts ``brainrecon download`` knows: real fMRI data and the lab's network weights.
+
+Each entry has the name users type, where it is published (figshare), where it goes in the
+download folder, and what it holds. Names with ``/`` form a tree: a prefix such as ``fmri/sub-01``
+names every entry below it; ``paper-subject1`` etc. are named groups.
+
+Download folder layout (``$BRAINRECON_HOME``, default ``~/.cache/brainrecon``)::
+
+    fmri/sub-01_perceptionNaturalImageTraining_original_VC.h5     Shen et al. 2019 (figshare 7033577)
+    fmri/sub-01_ImageNetTraining_fmriprep_volume_native.h5        fMRIPrep re-preprocessing (figshare 21564384)
+    models/VGG_ILSVRC_19_layers/VGG_ILSVRC_19_layers.pt            unpacked from VGG_ILSVRC_19_layers.zip
+    models/bvlc_reference_caffenet_generator_ILSVRC2012_Training/generator_relu7.pt
+
+Sizes and sha256 sums of the files are not published; the md5 sums are those listed by the lab's
+brain-decoding-cookbook (``data/files.json``). ``download`` records the sha256 of what it fetched
+in the folder's ``manifest.json``.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+MIRROR_ENV = "BRAINRECON_MIRROR"
+HOME_ENV = "BRAINRECON_HOME"
+
+FIGSHARE_2019 = "https://ndownloader.figshare.com/files"        # article 7033577 (Shen et al. 2019)
+FIGSHARE_COOKBOOK = "https://figshare.com/ndownloader/files"    # article 21564384 (brain-decoding cookbook)
+PAGE_2019 = "https://figshare.com/articles/dataset/7033577"
+PAGE_COOKBOOK = "https://figshare.com/articles/dataset/21564384"
+# The ImageNet stimulus images are not published (licence); the lab shares them on request here:
+STIMULUS_REQUEST_URL = "https://forms.gle/ujvA34948Xg49jdn9"
+
+
+def mirror_url(mirror: str | None = None) -> str:
+    """The mirror in use: ``mirror`` if given, else ``$BRAINRECON_MIRROR``; "" for figshare."""
+    return mirror if mirror is not None else os.environ.get(MIRROR_ENV, "")
+
+
+class RegistryError(ValueError):
+    """An unknown artefact name; the message lists the close ones."""
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """One published file.
+
+    ``folder``: where it goes under the download home; ``expect``: for an archive (``unpack``), the
+    files it must hold, relative to ``folder/<archive stem>/`` once unpacked.
+    """
+    name: str
+    file: str
+    file_id: int
+    base_url: str
+    page: str
+    folder: str
+    description: str
+    size: int | None = None
+    sha256: str | None = None
+    md5: str | None = None
+    unpack: bool = False
+    expect: tuple[str, ...] = ()
+
+    def url(self, mirror: str | None = None) -> str:
+        """Download URL: ``<mirror>/<file>`` with a mirror (argument, else ``$BRAINRECON_MIRROR``),
+        else the figshare URL."""
+        mirror = mirror_url(mirror)
+        if mirror:
+            return f"{mirror.rstrip('/')}/{self.file}"
+        return f"{self.base_url}/{self.file_id}"
+
+    @property
+    def relpath(self) -> str:
+        """The downloaded file, relative to the download home (``fmri/x.h5``, ``models/x.zip``)."""
+        return f"{self.folder}/{self.file}"
+
+    @property
+    def unpack_dir(self) -> str:
+        """Folder an archive is unpacked into, relative to the download home."""
+        return f"{self.folder}/{PurePosixPath(self.file).stem}"
+
+    def expected(self) -> list[tuple[str, ...]]:
+        """The files a user gets, relative to the download home; each as its alternative names
+        (an ``expect`` entry ``a|b`` is satisfied by either file)."""
+        if self.unpack:
+            return [tuple(f"{self.unpack_dir}/{alt}" for alt in e.split("|")) for e in self.expect]
+        return [(self.relpath,)]
+
+    def provides(self) -> list[str]:
+        """Every file name (with alternatives) the artefact may provide, relative to the download home."""
+        return [alt for group in self.expected() for alt in group]
+
+    def paths(self, home: Path) -> list[Path]:
+        """The provided files under ``home`` (of alternatives, the one present, else the first)."""
+        home = Path(home)
+        return [next((home / a for a in group if (home / a).is_file()), home / group[0]) for group in self.expected()]
+
+
+# ---------------------------------------------------------------------------------------- entries
+
+_ORIGINAL = {  # Shen et al. 2019 preprocessed visual cortex data: (training id, test id); no checksums published
+    1: (14830643, 14830631),
+    2: (14830712, 14830697),
+    3: (14830862, 14830856),
+}
+_FMRIPREP = {  # fMRIPrep volume data (native space), with the md5 sums of the lab's cookbook
+    1: ((37838826, "f0aba2065e03a518681ceec65674026b"), (37838595, "7ab3fd8900a766a79e3f266ff223302a")),
+    2: ((37848333, "8a66fcc107cbef220eb7f94b0737e0cb"), (37848300, "3524e5cae596160115b48ce0b9c25be7")),
+    3: ((37850397, "889a3afe44c33182d1ec02d0debe2371"), (37849986, "b7ee993435fc9b27ca507d988bdc98e9")),
+}
+
+
+def _entries() -> list[Artefact]:
+    out = []
+    for s in (1, 2, 3):
+        sub = f"sub-0{s}"
+        for part, fid in zip(("Training", "Test"), _ORIGINAL[s]):
+            out.append(Artefact(
+                name=f"fmri/{sub}/perception-natural-{part.lower()}",
+                file=f"{sub}_perceptionNaturalImage{part}_original_VC.h5", file_id=fid,
+                base_url=FIGSHARE_2019, page=PAGE_2019, folder="fmri",
+                description=f"{sub} natural-image {part.lower()} fMRI, visual cortex (Shen et al. 2019)"))
+        for part, (fid, md5) in zip(("Training", "Test"), _FMRIPREP[s]):
+            out.append(Artefact(
+                name=f"fmri/{sub}/fmriprep-{part.lower()}",
+                file=f"{sub}_ImageNet{part}_fmriprep_volume_native.h5", file_id=fid, md5=md5,
+                base_url=FIGSHARE_COOKBOOK, page=PAGE_COOKBOOK, folder="fmri",
+                description=f"{sub} ImageNet {part.lower()} fMRI, fMRIPrep volume (native space)"))
+    out.append(Artefact(
+        name="vgg19-caffe", file="VGG_ILSVRC_19_layers.zip", file_id=38225868,
+        md5="49f4d6dbf1024f33149352dfd309dc4d",
+        base_url=FIGSHARE_COOKBOOK, page=PAGE_COOKBOOK, folder="models", unpack=True,
+        description="Caffe VGG19 as a PyTorch state dict, ImageNet mean, per-channel feature SDs",
+        # The lab's scripts read these three files from models/VGG_ILSVRC_19_layers/ after unzipping the
+        # archive into models/: the archive most likely holds a top folder VGG_ILSVRC_19_layers/ (not
+        # verified on the archive itself). Unpacking removes a single top folder, so either way works.
+        expect=("VGG_ILSVRC_19_layers.pt", "ilsvrc_2012_mean.npy",
+                "estimated_cnn_feat_std_VGG_ILSVRC_19_layers_ImgSize_224x224_chwise_dof1.mat")))
+    out.append(Artefact(
+        name="generator-relu7", file="bvlc_reference_caffenet_generator_ILSVRC2012_Training.zip",
+        file_id=38361230, md5="bf9d4de43782cb019de733ed7cf84926",
+        base_url=FIGSHARE_COOKBOOK, page=PAGE_COOKBOOK, folder="models", unpack=True,
+        description="image generator from CaffeNet relu7 features (Dosovitskiy & Brox 2016), latent bounds",
+        # Layout as in the lab cookbook's current paths (generator_relu7.pt, act_range/3x/relu7.txt).
+        # Uncertain: older lab scripts read the same bounds as act_range/3x/fc7.txt (either name is
+        # accepted), an older upload of this archive exists (figshare file 38225829), and the cookbook
+        # says the archive also holds the relu6 generator.
+        expect=("generator_relu7.pt", "act_range/3x/relu7.txt|act_range/3x/fc7.txt")))
+    return out
+
+
+ARTEFACTS: dict[str, Artefact] = {a.name: a for a in _entries()}
+
+_MODELS = ("vgg19-caffe", "generator-relu7")
+GROUPS: dict[str, tuple[str, ...]] = {
+    **{f"paper-subject{s}": (f"fmri/sub-0{s}/perception-natural-training",
+                             f"fmri/sub-0{s}/perception-natural-test", *_MODELS) for s in (1, 2, 3)},
+    "paper": tuple(f"fmri/sub-0{s}/perception-natural-{p}" for s in (1, 2, 3) for p in ("training", "test"))
+    + _MODELS,
+    "models": _MODELS,
+    "all": tuple(ARTEFACTS),
+}
+GROUP_HELP = {
+    **{f"paper-subject{s}": f"sub-0{s} training + test fMRI of the paper, VGG19, relu7 generator" for s in (1, 2, 3)},
+    "paper": "the paper's fMRI of all three subjects, VGG19, relu7 generator",
+    "models": "VGG19 and the relu7 generator",
+    "all": "everything listed here",
+}
+
+
+def expand(names) -> list[Artefact]:
+    """Artefacts for entry names, group names and name prefixes (``fmri/sub-01``), without repeats."""
+    out: dict[str, Artefact] = {}
+    for raw in names:
+        name = str(raw).strip().strip("/")
+        if name in ARTEFACTS:
+            hits = [name]
+        elif name in GROUPS:
+            hits = list(GROUPS[name])
+        else:
+            hits = [k for k in ARTEFACTS if k.startswith(name + "/")] if name else []
+        if not hits:
+            choices = list(ARTEFACTS) + list(GROUPS) + sorted({k.rsplit("/", 1)[0] for k in ARTEFACTS if "/" in k})
+            close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise RegistryError(f"unknown artefact {raw!r}; {hint}see the names with: brainrecon download --list")
+        for k in hits:
+            out.setdefault(k, ARTEFACTS[k])
+    return list(out.values())
+
+
+def default_home() -> Path:
+    """``$BRAINRECON_HOME``, else ``$XDG_CACHE_HOME/brainrecon``, else ``~/.cache/brainrecon``
+    (the same place on every platform, so that the example configs' paths hold)."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(cache).expanduser() / "brainrecon"
+
+
+def find_by_filename(filename: str) -> list[tuple[Artefact, str]]:
+    """(artefact, path relative to the download home) for each artefact that provides ``filename``."""
+    return [(a, rel) for a in ARTEFACTS.values() for rel in a.provides() if PurePosixPath(rel).name == filename]

@@ -1,0 +1,532 @@
+"""`brainrecon download` against a local HTTP server: resume, verification, errors, archives, manifest,
+and every registry entry fetched and loaded the way a user's run loads it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import socket
+import threading
+import zipfile
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from typer.testing import CliRunner
+
+from brainrecon.cli import app
+from brainrecon.data import download as dl
+from brainrecon.data import registry
+from brainrecon.data.bdata import BData, name_to_stimulus_id, read_fmri, write_bdata
+from brainrecon.data.download import DownloadError, download, fetch, missing_artefact_hint, unpack_zip
+from brainrecon.data.registry import ARTEFACTS, Artefact, expand
+from brainrecon.nets import load_network
+from brainrecon.nets.feature_sd import FEATURE_SD_FILE, VGG19_CHANNELS, load_feature_sd
+
+runner = CliRunner()
+
+
+def _flat(text: str) -> str:
+    """Text without whitespace: the console wraps and folds long messages."""
+    return "".join(text.split())
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+# ----------------------------------------------------------------------------------- test server
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves ``server.root`` by file name, with Range support and per-file failure modes."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        fx = self.server.fixture
+        name = unquote(self.path.lstrip("/"))
+        modes = fx.modes.get(name) or []
+        mode = modes.pop(0) if modes else "ok"
+        rec = {"path": name, "range": self.headers.get("Range"), "mode": mode, "status": None, "sent": 0}
+        fx.requests.append(rec)
+        path = fx.root / name
+        if mode == "404" or not path.is_file():
+            return self._reply(rec, 404, b"not found")
+        size = path.stat().st_size
+        start, end, status = 0, size - 1, 200
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", rec["range"] or "")
+        if m and mode != "norange":
+            start, end, status = int(m[1]), int(m[2]) if m[2] else size - 1, 206
+            if start >= size:
+                return self._reply(rec, 416, b"", {"Content-Range": f"bytes */{size}"})
+        with open(path, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start + 1)
+        if mode == "corrupt":
+            body = bytes(b ^ 0xFF for b in body[:64]) + body[64:]
+        headers = {"Accept-Ranges": "bytes", "ETag": f'"{size}"'}
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        if mode == "cut":   # announce everything, send half, drop the connection
+            self._reply(rec, status, body, headers, send=len(body) // 2)
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._reply(rec, status, body, headers)
+
+    def _reply(self, rec, status, body, headers=None, send=None):
+        rec["status"] = status
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        part = body if send is None else body[:send]
+        self.wfile.write(part)
+        self.wfile.flush()
+        rec["sent"] = len(part)
+
+
+class FixtureServer:
+    def __init__(self, root: Path):
+        self.root = root
+        self.modes: dict[str, list[str]] = {}
+        self.requests: list[dict] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.fixture = self
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    monkeypatch.setenv("BRAINRECON_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("BRAINRECON_MIRROR", raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    srv = FixtureServer(root)
+    yield srv
+    srv.close()
+
+
+def _blob(server, name="blob.bin", n=300_000, seed=0) -> bytes:
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+    (server.root / name).write_bytes(data)
+    return data
+
+
+def _register(monkeypatch, name="test/blob", file="blob.bin", **kw) -> Artefact:
+    a = Artefact(name=name, file=file, file_id=1, base_url="http://invalid.test/files", page="http://invalid.test",
+                 folder=kw.pop("folder", "fmri"), description="test file", **kw)
+    monkeypatch.setitem(registry.ARTEFACTS, name, a)
+    return a
+
+
+# ----------------------------------------------------------------------------------- registry
+
+def test_registry_names_urls_and_groups(monkeypatch):
+    assert len(ARTEFACTS) == 14
+    a = ARTEFACTS["fmri/sub-01/perception-natural-training"]
+    assert a.url() == "https://ndownloader.figshare.com/files/14830643"
+    assert a.file == "sub-01_perceptionNaturalImageTraining_original_VC.h5"
+    assert ARTEFACTS["fmri/sub-03/fmriprep-test"].url() == "https://figshare.com/ndownloader/files/37849986"
+    vgg = ARTEFACTS["vgg19-caffe"]
+    assert vgg.url() == "https://figshare.com/ndownloader/files/38225868" and vgg.unpack
+    assert ARTEFACTS["generator-relu7"].url().endswith("/38361230")
+    assert vgg.url("http://127.0.0.1:9/") == "http://127.0.0.1:9/VGG_ILSVRC_19_layers.zip"
+    monkeypatch.setenv("BRAINRECON_MIRROR", "http://mirror.example/dir")
+    assert a.url() == "http://mirror.example/dir/" + a.file
+    assert [x.name for x in expand(["fmri/sub-02"])] == [
+        "fmri/sub-02/perception-natural-training", "fmri/sub-02/perception-natural-test",
+        "fmri/sub-02/fmriprep-training", "fmri/sub-02/fmriprep-test"]
+    assert [x.name for x in expand(["paper-subject1", "vgg19-caffe"])] == [
+        "fmri/sub-01/perception-natural-training", "fmri/sub-01/perception-natural-test", "vgg19-caffe",
+        "generator-relu7"]
+    assert len(expand(["all"])) == 14 and len(expand(["paper"])) == 8
+    with pytest.raises(registry.RegistryError, match="did you mean.*fmri/sub-01.*--list"):
+        expand(["fmri/sub-1"])
+
+
+# ----------------------------------------------------------------------------------- transfers
+
+def test_normal_fetch_and_manifest(server, monkeypatch, tmp_path):
+    data = _blob(server)
+    _register(monkeypatch, sha256=hashlib.sha256(data).hexdigest())
+    home = tmp_path / "home"
+    paths = download(["test/blob"], mirror=server.url, progress=False)
+    assert paths == [home / "fmri" / "blob.bin"] and paths[0].read_bytes() == data
+    assert not list(home.rglob("*.part*"))
+    rec = json.loads((home / "manifest.json").read_text())["artefacts"]["test/blob"]
+    assert rec["url"] == f"{server.url}/blob.bin" and rec["size"] == len(data)
+    assert rec["sha256"] == hashlib.sha256(data).hexdigest() and rec["md5"] == hashlib.md5(data).hexdigest()
+    assert rec["files"] == {"fmri/blob.bin": len(data)} and re.match(r"\d{4}-\d\d-\d\dT", rec["time"])
+    # complete: not fetched again
+    n = len(server.requests)
+    download(["test/blob"], mirror=server.url, progress=False)
+    assert len(server.requests) == n
+    # a file gone (or changed size) is fetched again
+    paths[0].write_bytes(data[:10])
+    download(["test/blob"], mirror=server.url, progress=False)
+    assert len(server.requests) == n + 1 and paths[0].read_bytes() == data
+
+
+def test_interrupted_transfer_resumes_with_range(server, monkeypatch):
+    data = _blob(server)
+    _register(monkeypatch)
+    server.modes["blob.bin"] = ["cut"]
+    msgs = []
+    [path] = download(["test/blob"], mirror=server.url, progress=False, log=msgs.append)
+    assert path.read_bytes() == data
+    first, second = server.requests
+    half = len(data) // 2
+    assert first["range"] is None and first["sent"] == half
+    assert second["range"] == f"bytes={half}-" and second["status"] == 206 and second["sent"] == len(data) - half
+    assert any("interrupted" in m and "resuming" in m for m in msgs)
+
+
+def test_interrupted_run_resumes_on_the_next_command(server, monkeypatch, tmp_path):
+    data = _blob(server)
+    _register(monkeypatch)
+    monkeypatch.setattr(dl, "RETRIES", 0)
+    server.modes["blob.bin"] = ["cut"]
+    with pytest.raises(DownloadError, match="interrupted after .* run the same command again to resume"):
+        download(["test/blob"], mirror=server.url, progress=False)
+    part = tmp_path / "home" / "fmri" / "blob.bin.part"
+    assert part.stat().st_size == len(data) // 2
+    result = runner.invoke(app, ["download", "test/blob"], env={"BRAINRECON_MIRROR": server.url})
+    assert result.exit_code == 0, result.output
+    assert server.requests[-1]["range"] == f"bytes={len(data) // 2}-" and server.requests[-1]["status"] == 206
+    assert (tmp_path / "home" / "fmri" / "blob.bin").read_bytes() == data and not part.exists()
+
+
+def test_server_ignoring_range_gives_a_full_download(server, monkeypatch, tmp_path):
+    data = _blob(server)
+    _register(monkeypatch)
+    server.modes["blob.bin"] = ["cut", "norange"]
+    msgs = []
+    [path] = download(["test/blob"], mirror=server.url, progress=False, log=msgs.append)
+    assert path.read_bytes() == data
+    assert server.requests[1]["range"] and server.requests[1]["status"] == 200
+    assert any("whole file" in m for m in msgs)
+
+
+def test_corrupted_download_is_refetched_once_then_fails(server, monkeypatch, tmp_path):
+    data = _blob(server)
+    _register(monkeypatch, sha256=hashlib.sha256(data).hexdigest())
+    server.modes["blob.bin"] = ["corrupt"]
+    msgs = []
+    [path] = download(["test/blob"], mirror=server.url, progress=False, log=msgs.append)
+    assert path.read_bytes() == data and len(server.requests) == 2
+    assert server.requests[1]["range"] is None and any("damaged" in m for m in msgs)
+    # damaged twice: a clear error, nothing left behind
+    _register(monkeypatch, name="test/bad", file="bad.bin", md5=hashlib.md5(data).hexdigest())
+    shutil.copy(server.root / "blob.bin", server.root / "bad.bin")
+    server.modes["bad.bin"] = ["corrupt", "corrupt"]
+    with pytest.raises(DownloadError, match=r"test/bad: .*/bad.bin: the download is damaged again \(md5 "):
+        download(["test/bad"], mirror=server.url, progress=False)
+    assert not list((tmp_path / "home" / "fmri").glob("bad.bin*"))
+
+
+def test_http_errors_name_the_url_and_the_fix(server, monkeypatch):
+    _register(monkeypatch, name="test/gone", file="gone.bin")
+    with pytest.raises(DownloadError) as e:
+        download(["test/gone"], mirror=server.url, progress=False)
+    msg = str(e.value)
+    assert f"{server.url}/gone.bin: HTTP 404" in msg and "the mirror has no gone.bin" in msg and "\n" not in msg
+    with pytest.raises(DownloadError, match="HTTP 404 .* look for x.bin on https://figshare"):
+        fetch(f"{server.url}/x.bin", Path(server.root.parent / "x.bin"),
+              hint="look for x.bin on https://figshare.com/articles/dataset/7033577")
+    result = runner.invoke(app, ["download", "test/gone"], env={"BRAINRECON_MIRROR": server.url})
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "HTTP404" in _flat(result.output) and "themirrorhasnogone.bin" in _flat(result.output)
+    # a server that cannot be reached
+    port = server.httpd.server_address[1]
+    server.close()
+    monkeypatch.setattr(dl, "RETRIES", 0)
+    with pytest.raises(DownloadError, match=rf"127.0.0.1:{port}/gone.bin: cannot connect .* BRAINRECON_MIRROR"):
+        download(["test/gone"], mirror=f"http://127.0.0.1:{port}", progress=False)
+
+
+# ----------------------------------------------------------------------------------- archives
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_unpack_zip_layouts_and_safety(tmp_path):
+    expect = ("a.pt", "act_range/3x/relu7.txt")
+    for i, top in enumerate(("pack/", "")):   # with and without a top folder
+        z = _zip(tmp_path / f"pack{i}.zip", {f"{top}a.pt": b"A", f"{top}act_range/3x/relu7.txt": b"1 2"})
+        files = unpack_zip(z, tmp_path / f"out{i}", expect)
+        assert files == {"a.pt": 1, "act_range/3x/relu7.txt": 3}
+        assert (tmp_path / f"out{i}" / "a.pt").read_bytes() == b"A"
+    with pytest.raises(DownloadError, match=r"lacks act_range/3x/relu7.txt \(it holds a.pt\)"):
+        unpack_zip(_zip(tmp_path / "short.zip", {"pack/a.pt": b"A"}), tmp_path / "short", expect)
+    # an expected file with alternative names (a|b): the generator's bounds under their older name
+    gen_expect = ARTEFACTS["generator-relu7"].expect
+    older = _zip(tmp_path / "older.zip", {"g/generator_relu7.pt": b"G", "g/act_range/3x/fc7.txt": b"1"})
+    assert "act_range/3x/fc7.txt" in unpack_zip(older, tmp_path / "older", gen_expect)
+    with pytest.raises(DownloadError, match=r"lacks act_range/3x/relu7.txt or act_range/3x/fc7.txt"):
+        unpack_zip(_zip(tmp_path / "short.zip", {"g/generator_relu7.pt": b"G"}), tmp_path / "short", gen_expect)
+    for evil in ("../evil.txt", "/abs/evil.txt", "pack/../../evil.txt"):
+        with pytest.raises(DownloadError, match="refusing to unpack"):
+            unpack_zip(_zip(tmp_path / "evil.zip", {"pack/a.pt": b"A", evil: b"x"}), tmp_path / "evil" / "out")
+        assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "evil").exists()
+
+
+def test_archive_download_unpacks_and_damaged_zip_is_refetched(server, monkeypatch, tmp_path):
+    z = _zip(server.root / "pack.zip", {"pack/a.pt": b"A" * 1000, "pack/b.txt": b"B"})
+    _register(monkeypatch, name="test/pack", file="pack.zip", folder="models", unpack=True, expect=("a.pt", "b.txt"))
+    good = z.read_bytes()
+    server.modes["pack.zip"] = ["corrupt"]   # no checksum known: the zip itself is found damaged
+    msgs = []
+    paths = download(["test/pack"], mirror=server.url, progress=False, log=msgs.append)
+    home = tmp_path / "home"
+    assert paths == [home / "models/pack/a.pt", home / "models/pack/b.txt"] and paths[1].read_bytes() == b"B"
+    assert not (home / "models/pack.zip").exists() and any("damaged archive" in m for m in msgs)
+    rec = json.loads((home / "manifest.json").read_text())["artefacts"]["test/pack"]
+    assert rec["sha256"] == hashlib.sha256(good).hexdigest() and rec["size"] == len(good)
+    assert rec["files"] == {"models/pack/a.pt": 1000, "models/pack/b.txt": 1}
+    n = len(server.requests)
+    assert runner.invoke(app, ["download", "test/pack"], env={"BRAINRECON_MIRROR": server.url}).exit_code == 0
+    assert len(server.requests) == n
+    listing = runner.invoke(app, ["download", "--list"]).output
+    assert re.search(r"test/pack .*\[downloaded\]", listing) and "paper-subject1" in listing
+
+
+# ----------------------------------------------------------------------------------- hints
+
+def test_missing_artefact_hint(tmp_path):
+    home = tmp_path / "home"
+    h = missing_artefact_hint([home / "fmri/sub-01_perceptionNaturalImageTraining_original_VC.h5",
+                               home / "models/VGG_ILSVRC_19_layers/VGG_ILSVRC_19_layers.pt",
+                               home / "models/VGG_ILSVRC_19_layers/ilsvrc_2012_mean.npy"])
+    assert h == "brainrecon download fmri/sub-01/perception-natural-training vgg19-caffe"
+    h = missing_artefact_hint([tmp_path / "data/models/bvlc_reference_caffenet_generator_ILSVRC2012_Training/"
+                               "generator_relu7.pt"])
+    assert h == f"brainrecon download generator-relu7 --dest {tmp_path / 'data'}"
+    h = missing_artefact_hint(["/elsewhere/sub-02_ImageNetTest_fmriprep_volume_native.h5"])
+    assert h.startswith("brainrecon download fmri/sub-02/fmriprep-test (it saves") and str(home) in h
+    assert missing_artefact_hint([tmp_path / "nope.h5"]) is None
+
+
+def test_run_without_the_data_names_the_download_commands(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.delenv("BRAINRECON_HOME")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    result = runner.invoke(app, ["run", str(EXAMPLES / "dir-subject1-vgg19.yaml")])
+    assert result.exit_code == 2, result.output
+    text = _flat(result.output)
+    command = ("brainrecon download fmri/sub-01/perception-natural-training fmri/sub-01/perception-natural-test "
+               "vgg19-caffe")
+    for needle in (command, "sub-01_perceptionNaturalImageTraining_original_VC.h5", "VGG_ILSVRC_19_layers.pt",
+                   "forms.gle", "n01518878_5958.JPEG"):
+        assert _flat(needle) in text, result.output
+    assert "Traceback" not in result.output
+    # a path that no download provides, and a config-relative network path
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("train: nope.h5\ntest: {x: nope.h5}\nimages: .\nout: out\n"
+                   "network: vgg19-caffe:data/models/VGG_ILSVRC_19_layers/VGG_ILSVRC_19_layers.pt\n")
+    result = runner.invoke(app, ["run", str(cfg)])
+    text = _flat(result.output)
+    assert result.exit_code == 2 and "nosuchfile" in text and _flat(str(tmp_path / "nope.h5")) in text
+    assert _flat(f"brainrecon download vgg19-caffe --dest {tmp_path / 'data'}") in text, result.output
+
+
+def test_run_generator_example_without_the_data(monkeypatch, tmp_path):
+    from brainrecon import cli
+    if "generator" not in cli.RUN_KEYS:
+        pytest.skip("brainrecon run does not take `generator:` yet")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.delenv("BRAINRECON_HOME")
+    result = runner.invoke(app, ["run", str(EXAMPLES / "dir-subject1-vgg19-generator.yaml")])
+    text = _flat(result.output)
+    assert result.exit_code == 2 and "generator-relu7" in text and "vgg19-caffe" in text, result.output
+
+
+# ----------------------------------------------------------------------------------- feature SD
+
+def test_feature_sd_loader(tmp_path):
+    rng = np.random.default_rng(0)
+    # the lab's layout: one variable per layer, a row vector of channel SDs (savemat of 1-D arrays)
+    sds = {k: rng.random(n).astype(np.float32) + 0.1 for k, n in VGG19_CHANNELS.items()}
+    path = tmp_path / FEATURE_SD_FILE
+    scipy.io.savemat(path, {**sds, "relu6": sds["fc6"]})
+    assert scipy.io.loadmat(path)["conv2_1"].shape == (1, 128)
+    out = load_feature_sd(path)
+    assert list(out) == list(VGG19_CHANNELS) and out["fc8"].shape == (1000,) and out["conv5_4"].dtype == np.float32
+    assert np.array_equal(out["conv3_2"], sds["conv3_2"])
+    assert list(load_feature_sd(path, layers=["conv1_1", "fc7"])) == ["conv1_1", "fc7"]
+    one = tmp_path / "scalar.mat"
+    scipy.io.savemat(one, {"conv1_1": 2.5})
+    assert np.all(load_feature_sd(one, layers=["conv1_1"])["conv1_1"] == 2.5)
+    with pytest.raises(ValueError, match="no variable for layer.*conv1_2"):
+        load_feature_sd(one, layers=["conv1_1", "conv1_2"])
+    scipy.io.savemat(one, {"conv1_1": np.ones(10)})
+    with pytest.raises(ValueError, match="conv1_1 holds 10 values .* expected one per channel \\(64\\)"):
+        load_feature_sd(one, layers=["conv1_1"])
+    (tmp_path / "bad.mat").write_bytes(b"x" * 200)
+    with pytest.raises(ValueError, match="bad.mat is not a readable"):
+        load_feature_sd(tmp_path / "bad.mat")
+    with pytest.raises(FileNotFoundError, match="brainrecon download vgg19-caffe"):
+        load_feature_sd(tmp_path / "none.mat")
+
+
+# ----------------------------------------------------------------------------------- every entry
+
+def _fmri_fixture(path: Path, fmriprep: bool, train: bool, seed: int) -> list[str]:
+    """A small BData file in the layout of the published files; returns its labels."""
+    rng = np.random.default_rng(seed)
+    n_img, reps, n_vox = (6, 2, 30) if train else (2, 3, 30)
+    labels = [f"n0{1440764 + seed * 10 + i}_{100 + i}" for i in range(n_img)] * reps
+    b = BData()
+    b.add(rng.standard_normal((len(labels), n_vox)), "VoxelData")
+    for k, sel in (("ROI_V1", slice(0, 10)), ("ROI_V2", slice(10, 20)), ("ROI_VC", slice(0, 30))):
+        flags = np.full(n_vox, np.nan)
+        flags[sel] = 1
+        b.add_metadata(k, flags, f"1 = {k}", where="VoxelData")
+    for k in ("voxel_x", "voxel_y", "voxel_z"):
+        b.add_metadata(k, rng.integers(-60, 60, n_vox).astype(float), f"voxel {k[-1]}", where="VoxelData")
+    b.add(np.repeat(np.arange(1, reps + 1), n_img), "Run")
+    b.add(np.arange(len(labels)), "Block")
+    if fmriprep:   # newer files: stimulus_name with a vmap
+        ids = {lab: i + 1.0 for i, lab in enumerate(dict.fromkeys(labels))}
+        b.add(np.array([ids[lab] for lab in labels]), "stimulus_name")
+        b.add_vmap("stimulus_name", {v: k for k, v in ids.items()})
+    else:          # older files: float stimulus id in column 1 of the Label block
+        b.add(np.stack([np.ones(len(labels)), [name_to_stimulus_id(lab) for lab in labels]], 1), "Label")
+    write_bdata(path, b)
+    return labels
+
+
+_VGG_FEATURES = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34)
+
+
+@pytest.fixture(scope="session")
+def vgg19_zip(tmp_path_factory) -> Path:
+    """The lab's VGG zip: a full-size VGG19 state dict in torchvision's key layout (zeros, with marked
+    biases), the mean image and the feature-SD file. Made once per session (548 MB of tensors)."""
+    state, c_in = {}, 3
+    channels = [c for c, n in ((64, 2), (128, 2), (256, 4), (512, 4), (512, 4)) for _ in range(n)]
+    for i, c in zip(_VGG_FEATURES, channels):
+        state[f"features.{i}.weight"] = torch.zeros(c, c_in, 3, 3)
+        state[f"features.{i}.bias"] = torch.arange(c, dtype=torch.float32) + i
+        c_in = c
+    for j, (n_in, n_out) in zip((0, 3, 6), ((25088, 4096), (4096, 4096), (4096, 1000))):
+        state[f"classifier.{j}.weight"] = torch.zeros(n_out, n_in)
+        state[f"classifier.{j}.bias"] = torch.arange(n_out, dtype=torch.float32) * 0.5 + j
+    path = tmp_path_factory.mktemp("vgg") / "VGG_ILSVRC_19_layers.zip"
+    sd = tmp_path_factory.mktemp("sd") / FEATURE_SD_FILE
+    scipy.io.savemat(sd, {k: np.full(n, 0.5 + i, np.float32) for i, (k, n) in enumerate(VGG19_CHANNELS.items())})
+    mean = np.stack([np.full((256, 256), v) for v in (103.939, 116.779, 123.68)])   # BGR, as the lab's file
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("VGG_ILSVRC_19_layers/VGG_ILSVRC_19_layers.pt", "w") as f:
+            torch.save(state, f)
+        with zf.open("VGG_ILSVRC_19_layers/ilsvrc_2012_mean.npy", "w") as f:
+            np.save(f, mean)
+        zf.write(sd, f"VGG_ILSVRC_19_layers/{FEATURE_SD_FILE}")
+    return path
+
+
+def _generator_zip(path: Path) -> np.ndarray:
+    """The lab's generator zip: a relu7 generator state dict in the lab's key layout (the AlexNet
+    generator of Dosovitskiy & Brox: defc7/6/5, deconv5 ... deconv0) and its latent bounds."""
+    state = {}
+    for k in ("defc7", "defc6", "defc5"):
+        state[f"{k}.weight"], state[f"{k}.bias"] = torch.zeros(4096, 4096), torch.zeros(4096)
+    for k, c_in, c_out, ks in (("deconv5", 256, 256, 4), ("conv5_1", 256, 512, 3), ("deconv4", 512, 256, 4),
+                               ("conv4_1", 256, 256, 3), ("deconv3", 256, 128, 4), ("conv3_1", 128, 128, 3),
+                               ("deconv2", 128, 64, 4), ("deconv1", 64, 32, 4), ("deconv0", 32, 3, 4)):
+        state[f"{k}.weight"] = torch.zeros(c_in, c_out, ks, ks)   # ConvTranspose2d: (in, out, k, k)
+        state[f"{k}.bias"] = torch.zeros(c_out)
+    state["deconv0.bias"] = torch.tensor([0.1, 0.2, 0.3])
+    # the lab's file names every layer twice: by name and by position in its defc / deconv sequences
+    for seq, names in (("defc", ("defc7", "defc6", "defc5")),
+                       ("deconv", ("deconv5", "conv5_1", "deconv4", "conv4_1", "deconv3", "conv3_1", "deconv2",
+                                   "deconv1", "deconv0"))):
+        for i, k in enumerate(names):
+            for p in ("weight", "bias"):
+                state[f"{seq}.{2 * i}.{p}"] = state[f"{k}.{p}"]
+    assert len(state) == 48
+    bounds = np.linspace(0.5, 30.0, 4096)
+    top = "bvlc_reference_caffenet_generator_ILSVRC2012_Training"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open(f"{top}/generator_relu7.pt", "w") as f:
+            torch.save(state, f)
+        zf.writestr(f"{top}/act_range/3x/relu7.txt", " ".join(f"{v:.6f}" for v in bounds) + "\n")
+    return bounds
+
+
+def test_every_registry_entry_downloads_and_loads(server, vgg19_zip, tmp_path):
+    labels = {}
+    for i, a in enumerate(ARTEFACTS.values()):
+        if a.name.startswith("fmri/"):
+            labels[a.name] = _fmri_fixture(server.root / a.file, "fmriprep" in a.name, a.name.endswith("training"), i)
+    shutil.copy(vgg19_zip, server.root / ARTEFACTS["vgg19-caffe"].file)
+    bounds = _generator_zip(server.root / ARTEFACTS["generator-relu7"].file)
+    assert {p.name for p in server.root.iterdir()} == {a.file for a in ARTEFACTS.values()}
+
+    dest = tmp_path / "data"
+    # the published md5 sums cannot match the fixtures: check them in a separate, explicit step
+    with pytest.MonkeyPatch.context() as mp:
+        for a in ARTEFACTS.values():
+            mp.setitem(ARTEFACTS, a.name, replace(a, md5=None))
+        result = runner.invoke(app, ["download", "all", "--dest", str(dest)], env={"BRAINRECON_MIRROR": server.url})
+    assert result.exit_code == 0, result.output
+    printed = [Path(line) for line in result.stdout.splitlines()]
+    assert printed == [p for a in ARTEFACTS.values() for p in a.paths(dest)] and all(p.is_file() for p in printed)
+    manifest = json.loads((dest / "manifest.json").read_text())["artefacts"]
+    assert set(manifest) == set(ARTEFACTS)
+
+    for name, labs in labels.items():
+        fmri = read_fmri(dest / ARTEFACTS[name].relpath, "ROI_VC")
+        assert fmri.labels == labs and fmri.X.shape == (len(labs), 30)
+    models = dest / "models"
+    net = load_network(f"vgg19-caffe:{models / 'VGG_ILSVRC_19_layers/VGG_ILSVRC_19_layers.pt'}")
+    assert len(net.layer_names) == 19 and torch.equal(net.convs[15].bias, torch.arange(512.) + 34)
+    assert torch.equal(net.fcs[2].bias, torch.arange(1000.) * 0.5 + 6)
+    sd = load_feature_sd(models / "VGG_ILSVRC_19_layers" / FEATURE_SD_FILE)
+    assert len(sd) == 19 and np.all(sd["fc8"] == 0.5 + 18)
+    mean = np.load(models / "VGG_ILSVRC_19_layers/ilsvrc_2012_mean.npy")
+    assert mean.shape == (3, 256, 256) and np.allclose(mean.mean(axis=(1, 2)), [103.939, 116.779, 123.68])
+
+    generator = pytest.importorskip("brainrecon.nets.generator")
+    if not hasattr(generator, "load_relu7_generator"):
+        pytest.skip("brainrecon.nets.generator.load_relu7_generator is not there yet")
+    gdir = models / "bvlc_reference_caffenet_generator_ILSVRC2012_Training"
+    gen = generator.load_relu7_generator(gdir / "generator_relu7.pt")
+    assert torch.allclose(gen.deconv0.bias, torch.tensor([0.1, 0.2, 0.3]))
+    assert np.allclose(np.asarray(generator.load_latent_bounds(gdir / "act_range/3x/relu7.txt")).ravel(), bounds,
+                       atol=1e-5)
+    if hasattr(generator, "load_generator"):   # the spec `brainrecon run` takes
+        gen = generator.load_generator(f"relu7:{gdir / 'generator_relu7.pt'}")
+        assert np.allclose(gen.latent_upper.numpy(), bounds, atol=1e-5)
+
+
+def test_published_checksums_are_checked(server, monkeypatch, tmp_path):
+    """With the real md5 sums a fixture is rejected, refetched once, then a clear error."""
+    _fmri_fixture(server.root / ARTEFACTS["fmri/sub-01/fmriprep-test"].file, True, False, 0)
+    with pytest.raises(DownloadError, match="fmri/sub-01/fmriprep-test: .*damaged again \\(md5 .* expected "
+                                            "7ab3fd8900a766a79e3f266ff223302a"):
+        download(["fmri/sub-01/fmriprep-test"], mirror=server.url, progress=False)
+    assert len(server.requests) == 2
