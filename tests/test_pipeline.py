@@ -189,3 +189,31 @@ def test_run_from_a_config_file(small_subject, tmp_path):
     partial = tmp_path / "partial.yaml"
     partial.write_text("train: data/train.h5\n")
     _expect_error(["run", str(partial)], "missing --test, --images, --out")
+
+
+def test_compare_layers_and_rois(small_subject, tmp_path):
+    subject, _ = small_subject
+    out = tmp_path / "layers"
+    args = ["compare", "layers", "--train", str(subject / "train.h5"), "--images", str(subject / "images"),
+            "--test", f"letters={subject / 'test_letters.h5'}", "--out", str(out), "--image-size", "32",
+            "--iterations", "3", "--layers", "conv1_1,conv2_1,conv3_1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert list(comparison["variants"]) == ["conv1", "conv1-conv2", "conv1-conv3"]
+    # one decoding serves every layer set: the later variants reuse it
+    assert result.output.count("reused decoded features") == 2
+    for name in comparison["variants"]:
+        assert len(list((out / name / "recon" / "letters").glob("*.png"))) == 10
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 * 10 + 1      # stimuli, three variants, the figure
+
+    out = tmp_path / "rois"
+    args[1] = "rois"
+    args[args.index("--out") + 1] = str(out)
+    result = runner.invoke(app, args + ["--variants", "V1,HVC"])
+    assert result.exit_code == 0, result.output
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert list(comparison["variants"]) == ["V1", "HVC"]
+    assert json.loads((out / "V1" / "config.json").read_text())["roi"] == "ROI_V1"
+    assert json.loads((out / "HVC" / "config.json").read_text())["roi"] == "ROI_LOC+ROI_FFA+ROI_PPA"

@@ -46,7 +46,8 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
 
 
 RUN_DEFAULTS = {"roi": "ROI_VC", "layer_roi": {}, "image_size": 224, "iterations": 200, "network": "hed-vgg16",
-                "seed": 0, "no_true_features": False}
+                "seed": 0, "no_true_features": False, "prior": "gd", "generator": None, "layers": None,
+                "feature_store": "auto", "executor": "local", "executor_options": {}}
 RUN_KEYS = ("train", "test", "images", "out", *RUN_DEFAULTS)
 
 
@@ -90,44 +91,122 @@ def _read_config(path: Path) -> dict:
     return data
 
 
-@app.command()
-def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any of the options below as keys "
-                                                         "(options given on the command line win)"),
-        train: Optional[Path] = typer.Option(None, help="training fMRI (BData .h5)"),
-        test: Optional[list[str]] = typer.Option(None, help="test set as NAME=PATH (repeatable)"),
-        images: Optional[Path] = typer.Option(None, help="folder of stimulus images, one file per label (<label>.<ext>)"),
-        out: Optional[Path] = typer.Option(None, help="output folder"),
-        roi: Optional[str] = typer.Option(None, help="ROI name or union, e.g. ROI_VC or ROI_V1+ROI_V2 (default ROI_VC)"),
-        layer_roi: Optional[list[str]] = typer.Option(None, help="LAYER=ROI: decode a layer (or all layers of a prefix such "
-                                                                 "as conv1) from another ROI, e.g. conv1=ROI_V1+ROI_V2+ROI_V3 "
-                                                                 "(repeatable)"),
-        image_size: Optional[int] = typer.Option(None, help="network input size in pixels (default 224)"),
-        iterations: Optional[int] = typer.Option(None, help="reconstruction iterations (default 200)"),
-        network: Optional[str] = typer.Option(None, help="hed-vgg16 (default), vgg19-caffe:PATH or vgg19-torchvision:PATH"),
-        seed: Optional[int] = typer.Option(None, help="random seed (default 0)"),
-        no_true_features: Optional[bool] = typer.Option(None, "--no-true-features",
-                                                        help="skip reconstructions from true features")):
-    """Run the whole pipeline on BData files: decode, reconstruct, evaluate, report."""
-    from .pipeline import PipelineConfig, run_pipeline
+OPT = dict(
+    train=typer.Option(None, help="training fMRI (BData .h5)"),
+    test=typer.Option(None, help="test set as NAME=PATH (repeatable)"),
+    images=typer.Option(None, help="folder of stimulus images, one file per label (<label>.<ext>)"),
+    out=typer.Option(None, help="output folder"),
+    roi=typer.Option(None, help="ROI name or union, e.g. ROI_VC or ROI_V1+ROI_V2 (default ROI_VC)"),
+    layer_roi=typer.Option(None, help="LAYER=ROI: decode a layer (or all layers of a prefix such as conv1) from "
+                                      "another ROI, e.g. conv1=ROI_V1+ROI_V2+ROI_V3 (repeatable)"),
+    image_size=typer.Option(None, help="network input size in pixels (default 224)"),
+    iterations=typer.Option(None, help="reconstruction iterations (default 200)"),
+    network=typer.Option(None, help="hed-vgg16 (default), vgg19-caffe:PATH or vgg19-torchvision:PATH"),
+    prior=typer.Option(None, help="reconstruction prior: gd (paper, pixels), lbfgs (paper, pixels), generator "
+                                  "(paper's DGN: see --generator), fourier, dip (default gd)"),
+    generator=typer.Option(None, help="generator for --prior generator: builtin (default) or relu7:PATH to the "
+                                      "lab's generator_relu7.pt"),
+    layers=typer.Option(None, help="comma-separated layers to decode (default: all of the network)"),
+    executor=typer.Option(None, help="decoding tasks: local (default), processes:N, dask, dask:ADDRESS"),
+    seed=typer.Option(None, help="random seed (default 0)"),
+    no_true_features=typer.Option(None, "--no-true-features", help="skip reconstructions from true features"),
+)
+
+
+def _run_setup(config, given: dict):
+    """Merge defaults, config file and flags; check inputs; -> (PipelineConfig, train, tests, images, out)."""
+    from .pipeline import PipelineConfig
     from .recon.icnn import ReconConfig
 
-    given = {"train": train, "test": _pairs(test, "--test", "NAME=PATH, e.g. --test natural=test.h5") if test else None,
-             "images": images, "out": out, "roi": roi,
-             "layer_roi": _pairs(layer_roi, "--layer-roi", "LAYER=ROI, e.g. --layer-roi conv1=ROI_V1+ROI_V2")
-             if layer_roi else None, "image_size": image_size, "iterations": iterations, "network": network,
-             "seed": seed, "no_true_features": no_true_features}
+    given = dict(given)
+    if given.get("test"):
+        given["test"] = _pairs(given["test"], "--test", "NAME=PATH, e.g. --test natural=test.h5")
+    if given.get("layer_roi"):
+        given["layer_roi"] = _pairs(given["layer_roi"], "--layer-roi", "LAYER=ROI, e.g. --layer-roi conv1=ROI_V1+ROI_V2")
     opts = {**RUN_DEFAULTS, **(_read_config(config) if config else {}),
             **{k: v for k, v in given.items() if v is not None}}
     missing = [k for k in ("train", "test", "images", "out") if not opts.get(k)]
     if missing:
         _fail("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or as keys of the config file)")
     opts = _check_inputs(opts, config, given)
-    cfg = PipelineConfig(network=opts["network"], image_size=opts["image_size"], roi=opts["roi"], seed=opts["seed"],
-                         layer_rois=_pairs(opts["layer_roi"], "layer_roi", "LAYER: ROI"),
-                         recon=ReconConfig(iterations=opts["iterations"], seed=opts["seed"]),
-                         true_feature_recon=not opts["no_true_features"])
+    layers = opts["layers"]
+    if isinstance(layers, str):
+        layers = [x.strip() for x in layers.split(",") if x.strip()]
+    generator = opts["generator"] or ("builtin" if opts["prior"] == "generator" else None)
+    try:
+        cfg = PipelineConfig(network=opts["network"], image_size=opts["image_size"], roi=opts["roi"], seed=opts["seed"],
+                             layer_rois=_pairs(opts["layer_roi"], "layer_roi", "LAYER: ROI"), layers=layers,
+                             recon=ReconConfig(iterations=opts["iterations"], seed=opts["seed"], prior=opts["prior"]),
+                             generator=generator, true_feature_recon=not opts["no_true_features"],
+                             feature_store=opts["feature_store"], executor=opts["executor"],
+                             executor_options=opts["executor_options"] or {})
+    except ValueError as e:   # pydantic's validation errors
+        _fail(f"invalid setting: {e}")
     tests = {k: Path(v) for k, v in opts["test"].items()}
-    _run_guarded(lambda: run_pipeline(Path(opts["train"]), tests, Path(opts["images"]), Path(opts["out"]), cfg))
+    return cfg, Path(opts["train"]), tests, Path(opts["images"]), Path(opts["out"])
+
+
+@app.command()
+def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any of the options below as keys "
+                                                         "(options given on the command line win)"),
+        train: Optional[Path] = OPT["train"], test: Optional[list[str]] = OPT["test"],
+        images: Optional[Path] = OPT["images"], out: Optional[Path] = OPT["out"], roi: Optional[str] = OPT["roi"],
+        layer_roi: Optional[list[str]] = OPT["layer_roi"], image_size: Optional[int] = OPT["image_size"],
+        iterations: Optional[int] = OPT["iterations"], network: Optional[str] = OPT["network"],
+        prior: Optional[str] = OPT["prior"], generator: Optional[str] = OPT["generator"],
+        layers: Optional[str] = OPT["layers"], executor: Optional[str] = OPT["executor"],
+        seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"]):
+    """Run the whole pipeline on BData files: decode, reconstruct, evaluate, report."""
+    given = {k: v for k, v in locals().items() if k != "config"}
+    from .pipeline import run_pipeline
+
+    cfg, train_path, tests, images_dir, out_dir = _run_setup(config, given)
+    _run_guarded(lambda: run_pipeline(train_path, tests, images_dir, out_dir, cfg))
+
+
+COMPARISONS = ("rois", "layers", "priors")
+
+
+@app.command()
+def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis (V1, V2, V3, V4, HVC, VC); "
+                                              "layers: the layer-combination analysis (conv1, conv1-2, ... all); "
+                                              "priors: every reconstruction prior on the same decoded features"),
+            config: Optional[Path] = typer.Argument(None, help="YAML run config (as for brainrecon run)"),
+            variants: Optional[str] = typer.Option(None, help="comma-separated ROIs or priors to compare "
+                                                              "(default: all of the analysis)"),
+            train: Optional[Path] = OPT["train"], test: Optional[list[str]] = OPT["test"],
+            images: Optional[Path] = OPT["images"], out: Optional[Path] = OPT["out"], roi: Optional[str] = OPT["roi"],
+            layer_roi: Optional[list[str]] = OPT["layer_roi"], image_size: Optional[int] = OPT["image_size"],
+            iterations: Optional[int] = OPT["iterations"], network: Optional[str] = OPT["network"],
+            prior: Optional[str] = OPT["prior"], generator: Optional[str] = OPT["generator"],
+            layers: Optional[str] = OPT["layers"], executor: Optional[str] = OPT["executor"],
+            seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"]):
+    """Run variants of the pipeline on the same data and compare them in one report (out/report.html)."""
+    given = {k: v for k, v in locals().items() if k not in ("what", "config", "variants")}
+    from . import analyses
+    from .nets import load_network
+    from .recon.config import PRIORS
+
+    if what not in COMPARISONS:
+        _fail(f"unknown comparison {what!r}: choose one of {', '.join(COMPARISONS)}")
+    cfg, train_path, tests, images_dir, out_dir = _run_setup(config, given)
+    chosen = [v.strip() for v in variants.split(",")] if variants else None
+    if what == "rois":
+        runs = _run_guarded(lambda: analyses.roi_variants(cfg, train_path, chosen))
+        title, axis = "Reconstruction from each visual area", None
+    elif what == "layers":
+        names = cfg.layers or _run_guarded(lambda: load_network(cfg.network)).layer_names
+        runs = analyses.layer_variants(cfg, names)
+        title, axis = "Reconstruction from combinations of DNN layers", "layers matched (cumulative)"
+    else:
+        bad = [p for p in chosen or [] if p not in PRIORS]
+        if bad:
+            _fail(f"unknown prior(s) {', '.join(bad)}: choose from {', '.join(PRIORS)}")
+        runs = analyses.prior_variants(cfg, chosen or list(PRIORS))
+        if "generator" in runs and not cfg.generator:
+            runs["generator"] = runs["generator"].model_copy(update={"generator": "builtin"})
+        title, axis = "Reconstruction priors on the same decoded features", None
+    _run_guarded(lambda: analyses.compare_variants(train_path, tests, images_dir, out_dir, runs, title, x_axis=axis))
 
 
 @app.command()

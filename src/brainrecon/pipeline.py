@@ -39,12 +39,14 @@ class PipelineConfig(BaseModel):
     """Everything that decides a run's result."""
     network: str = "hed-vgg16"
     image_size: int = 224
-    layers: list[str] | None = None          # None: every conv layer of the network
+    layers: list[str] | None = None          # decoded layers; None: every layer of the network
+    recon_layers: list[str] | None = None    # layers whose features the reconstruction matches; None: all decoded
     roi: str = "ROI_VC"
     layer_rois: dict[str, str] = {}           # layer name or prefix -> ROI decoding it, e.g. {"conv1": "ROI_V1+ROI_V2+ROI_V3"}
     alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist())
     alpha_sample_units: int = 256            # units per layer used to choose its penalty
     recon: ReconConfig = ReconConfig()
+    generator: str | None = None             # for recon.prior "generator": "builtin" or "relu7:PATH"
     rescale: bool = False                    # rescale decoded features to the true features SD (paper); off: measured better here
     true_feature_recon: bool = True          # also reconstruct from the true features (upper bound)
     feature_store: str = "auto"              # training features: "disk" (HDF5 cache), "stream" (never stored), "auto"
@@ -55,9 +57,14 @@ class PipelineConfig(BaseModel):
     executor_options: dict = {}              # keyword arguments of the Dask cluster
     seed: int = 0
 
-    def digest(self, inputs: list[Path] = ()) -> str:
-        """Key of the run's cached results: the settings that change them and the input files' identity."""
+    def digest(self, inputs: list[Path] = (), decoding_only: bool = False) -> str:
+        """Key of the run's cached results: the settings that change them and the input files' identity.
+
+        ``decoding_only``: the key of the decoded features, which reconstruction settings do not change.
+        """
         exclude = {"executor", "executor_options", "batch_size", "chunk_units", "feature_store", "feature_cache_gb"}
+        if decoding_only:
+            exclude |= {"recon", "recon_layers", "rescale", "true_feature_recon"}
         ident = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, inputs) if p.exists()]
         text = self.model_dump_json(exclude=exclude) + json.dumps(ident)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -166,7 +173,7 @@ def _save_png(image: np.ndarray, path: Path) -> None:
 
 def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, train_labels: list[str],
                  train_images: np.ndarray, sets: list[TestSet], network, layers: list[str], config: PipelineConfig,
-                 out: Path, cache: Path, log: Log):
+                 cache_root: Path, cache: Path, log: Log):
     """Fit the decoders and decode every test set.
 
     Returns (decoded {set: {layer: (n, *shape)}}, empty decoding-score dicts per set,
@@ -188,8 +195,8 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
 
     # training features depend only on the network, input size, layers and images: shared by runs that differ otherwise
     feat_key = hashlib.sha256(json.dumps([config.network, config.image_size, layers, train_labels]).encode()).hexdigest()[:16]
-    feat_path = out / "cache" / f"features-{feat_key}.h5"
-    stats_path = out / "cache" / f"stats-{feat_key}-{config.alpha_sample_units}-{config.seed}.npz"
+    feat_path = cache_root / f"features-{feat_key}.h5"
+    stats_path = cache_root / f"stats-{feat_key}-{config.alpha_sample_units}-{config.seed}.npz"
     log.stage(f"features of {len(train_images)} training images ({len(layers)} layers, {config.image_size} px, "
               f"{cache_bytes / 1e9:.1f} GB: {'cached on disk' if mode == 'disk' else 'streamed'})")
     progress = lambda i, n: log(f"  {i}/{n} images") if i == n or i % (20 * config.batch_size) == 0 else None
@@ -263,10 +270,12 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
 
 
 def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out: Path,
-                 config: PipelineConfig | None = None, log: Log | None = None, extra: dict | None = None) -> dict:
+                 config: PipelineConfig | None = None, log: Log | None = None, extra: dict | None = None,
+                 cache_root: Path | None = None) -> dict:
     """Run every stage; writes ``out/metrics.json``, ``out/report.html``, ``out/recon/<set>/<label>.png``.
 
-    Returns the metrics dictionary.
+    ``cache_root`` (default ``out/cache``) holds the reusable intermediate results; runs that share
+    it share their training features. Returns the metrics dictionary.
     """
     from .report.html import write_report
 
@@ -276,7 +285,8 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     digest = config.digest([train_path, *tests.values()])
-    cache = out / "cache" / digest
+    cache_root = Path(cache_root) if cache_root is not None else out / "cache"
+    cache = cache_root / digest
     cache.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.model_dump_json(indent=2))
 
@@ -288,8 +298,23 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
         raise PipelineError(str(err)) from err
     layers = config.layers or network.layer_names
 
-    decoded, decoding, stats, alphas = decode_stage(train_path, train, image_index, train_labels, train_images, sets,
-                                                    network, layers, config, out, cache, log)
+    dcache = cache_root / f"decoded-{config.digest([train_path, *tests.values()], decoding_only=True)}"
+    if (dcache / "complete").exists():
+        log.stage("decoding")
+        z = np.load(dcache / "decoded.npz")
+        decoded = {s.name: {k: z[f"{s.name}/{k}"] for k in layers} for s in sets}
+        stats = dict(np.load(dcache / "feature_stats.npz"))
+        alphas = json.loads((dcache / "alphas.json").read_text())
+        decoding = {s.name: {} for s in sets}
+        log(f"  reused decoded features from {dcache}")
+    else:
+        dcache.mkdir(parents=True, exist_ok=True)
+        decoded, decoding, stats, alphas = decode_stage(train_path, train, image_index, train_labels, train_images,
+                                                        sets, network, layers, config, cache_root, dcache, log)
+        np.savez(dcache / "decoded.npz", **{f"{s}/{k}": v for s, d in decoded.items() for k, v in d.items()})
+        np.savez(dcache / "feature_stats.npz", **stats)
+        (dcache / "alphas.json").write_text(json.dumps(alphas, indent=2))
+        (dcache / "complete").touch()
     true_feats = {s.name: extract_features(network, s.images, layers) for s in sets}
     for s in sets:
         for layer in layers:
@@ -298,12 +323,23 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                                                         stats[f"{layer}/mean"].ravel(), stats[f"{layer}/sd"])
         log(f"  profile r '{s.name}': " + ", ".join(f"{k} {v['profile_correlation']:.3f}"
                                                      for k, v in decoding[s.name].items()))
-    np.savez(cache / "feature_stats.npz", **stats)
+    recon_layers = config.recon_layers or layers
+    unknown = [k for k in recon_layers if k not in layers]
+    if unknown:
+        raise PipelineError(f"recon_layers {unknown} are not among the decoded layers {layers}")
     for s in sets:
-        np.savez(cache / f"decoded_{s.name}.npz", **decoded[s.name])
+        decoded[s.name] = {k: decoded[s.name][k] for k in recon_layers}
+        true_feats[s.name] = {k: true_feats[s.name][k] for k in recon_layers}
         if config.rescale:
             decoded[s.name] = {k: rescale_decoded(v, stats[f"{k}/mean"], float(stats[f"{k}/true_sd"]))
                                for k, v in decoded[s.name].items()}
+    generator = None
+    if config.recon.prior == "generator":
+        from .nets.generator import load_generator
+        try:
+            generator = load_generator(config.generator or "builtin")
+        except (ValueError, FileNotFoundError) as err:
+            raise PipelineError(str(err)) from err
     metrics: dict = {}
     recon_images: dict[str, dict[str, np.ndarray]] = {}
     for s in sets:
@@ -320,8 +356,9 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                 log("  reused finished reconstructions")
             else:
                 t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
-                raw, _ = reconstruct(t, network, config.image_size, config.recon,
-                                     progress=lambda i, n: log(f"  {i}/{n} images"))
+                raw, _ = reconstruct(t, network, config.image_size, config.recon, generator=generator,
+                                     progress=lambda i, n: log(f"  {i}/{n} images"),
+                                     checkpoint=cache / f"checkpoint_{s.name}_{kind}")
                 images = display_normalise(raw.numpy())
                 np.save(npy, images)
             recon_images[s.name][kind] = images
