@@ -20,6 +20,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e '.[test]'
 	# bdpy (Python < 3.12) is the compatibility oracle for the BData tests; they skip without it
 	-$(PIP) install bdpy
+	# fastl2lir 0.11 is the oracle of tests/test_selection.py; its voxel selection needs numpy < 2.4
+	-$(PIP) install fastl2lir==0.11 "numpy<2.4"
 	touch $@
 
 install: $(VENV)/.installed

@@ -79,3 +79,22 @@ def test_executor_specs():
         make_executor("slurm")
     with pytest.raises(ValueError, match="processes:N"):
         make_executor("processes:x")
+
+
+def test_selection_tasks_equal_a_direct_fit(problem, tmp_path):
+    from brainrecon.decode.selection import VoxelSelectionRidge
+    from brainrecon.decode.streaming import readout_selection
+
+    net, images, image_index, layers, Y, dec, _, _, counts = problem
+    stats = training_pass(net, images, layers, counts, n_sample=3, batch_size=5, cache=tmp_path / "f.h5")
+    rng = np.random.default_rng(1)
+    Xz = rng.standard_normal((len(image_index), 40)).astype(np.float32)
+    Xt = rng.standard_normal((4, 40)).astype(np.float32)
+    units = {"conv3_1": Y["conv3_1"].shape[1]}
+    st = stats["conv3_1"]
+    inputs = {"conv3_1": (Xz, image_index, Xt, st.mean, st.sd, 100.0, 10)}
+    got = readout_selection(tmp_path / "f.h5", units, inputs, tmp_path / "sel", chunk_units=300)["conv3_1"]
+    sd = np.where(st.sd > 0, st.sd, 1)
+    Yz = ((Y["conv3_1"] - st.mean) / sd)[image_index]
+    want = VoxelSelectionRidge(dtype=np.float64).fit(Xz, Yz, alpha=100.0, n_feat=10).predict(Xt) * sd + st.mean
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())

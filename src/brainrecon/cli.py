@@ -12,6 +12,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 err = Console(stderr=True)
 
 DEMO = dict(image_size=48, n_train_images=1200, n_test_natural=20)
+DEMO_PRIOR = "gd"   # the prior with the best pixel identification on the demo subject (docs/priors.md)
 
 
 def _fail(message: str) -> None:
@@ -47,7 +48,7 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
 
 RUN_DEFAULTS = {"roi": "ROI_VC", "layer_roi": {}, "image_size": 224, "iterations": 200, "network": "hed-vgg16",
                 "seed": 0, "no_true_features": False, "prior": "gd", "generator": None, "layers": None,
-                "feature_store": "auto", "executor": "local", "executor_options": {}}
+                "feature_store": "auto", "executor": "local", "executor_options": {}, "decoder": "kernel"}
 RUN_KEYS = ("train", "test", "images", "out", *RUN_DEFAULTS)
 
 
@@ -108,6 +109,8 @@ OPT = dict(
                                       "lab's generator_relu7.pt"),
     layers=typer.Option(None, help="comma-separated layers to decode (default: all of the network)"),
     executor=typer.Option(None, help="decoding tasks: local (default), processes:N, dask, dask:ADDRESS"),
+    decoder=typer.Option(None, help="kernel (default: all-voxel ridge, penalty by cross-validation) or selection "
+                                    "(the lab's FastL2LiR: top 500 voxels per unit, alpha 100)"),
     seed=typer.Option(None, help="random seed (default 0)"),
     no_true_features=typer.Option(None, "--no-true-features", help="skip reconstructions from true features"),
 )
@@ -138,7 +141,7 @@ def _run_setup(config, given: dict):
                              layer_rois=_pairs(opts["layer_roi"], "layer_roi", "LAYER: ROI"), layers=layers,
                              recon=ReconConfig(iterations=opts["iterations"], seed=opts["seed"], prior=opts["prior"]),
                              generator=generator, true_feature_recon=not opts["no_true_features"],
-                             feature_store=opts["feature_store"], executor=opts["executor"],
+                             feature_store=opts["feature_store"], executor=opts["executor"], decoder=opts["decoder"],
                              executor_options=opts["executor_options"] or {})
     except ValueError as e:   # pydantic's validation errors
         _fail(f"invalid setting: {e}")
@@ -155,6 +158,7 @@ def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any o
         iterations: Optional[int] = OPT["iterations"], network: Optional[str] = OPT["network"],
         prior: Optional[str] = OPT["prior"], generator: Optional[str] = OPT["generator"],
         layers: Optional[str] = OPT["layers"], executor: Optional[str] = OPT["executor"],
+        decoder: Optional[str] = OPT["decoder"],
         seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"]):
     """Run the whole pipeline on BData files: decode, reconstruct, evaluate, report."""
     given = {k: v for k, v in locals().items() if k != "config"}
@@ -180,6 +184,7 @@ def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis
             iterations: Optional[int] = OPT["iterations"], network: Optional[str] = OPT["network"],
             prior: Optional[str] = OPT["prior"], generator: Optional[str] = OPT["generator"],
             layers: Optional[str] = OPT["layers"], executor: Optional[str] = OPT["executor"],
+        decoder: Optional[str] = OPT["decoder"],
             seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"]):
     """Run variants of the pipeline on the same data and compare them in one report (out/report.html)."""
     given = {k: v for k, v in locals().items() if k not in ("what", "config", "variants")}
@@ -215,7 +220,11 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="output folder"),
          image_size: int = typer.Option(DEMO["image_size"], help="network input size in pixels"),
          n_train: int = typer.Option(DEMO["n_train_images"], help="training images"),
          n_test_natural: int = typer.Option(DEMO["n_test_natural"], help="held-out natural test images"),
-         iterations: int = typer.Option(200, help="reconstruction iterations")):
+         iterations: int = typer.Option(200, help="reconstruction iterations"),
+         prior: str = typer.Option(DEMO_PRIOR, help="reconstruction prior: gd, lbfgs, generator (built-in), fourier, dip"),
+         compare_priors: bool = typer.Option(False, "--compare-priors",
+                                             help="reconstruct with every prior on the same decoded features and "
+                                                  "compare them (about 5x the reconstruction time)")):
     """Simulate a subject, then decode, reconstruct and evaluate it: the whole method offline."""
     import time
 
@@ -234,10 +243,19 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="output folder"),
     paths = _run_guarded(lambda: simulate_subject(subject, sub_cfg, load_network("hed-vgg16"),
                                                   progress=lambda m: log("  " + m)))
     sim_seconds = round(time.time() - t0, 1)
-    cfg = PipelineConfig(image_size=image_size, seed=seed, recon=ReconConfig(iterations=iterations, seed=seed))
+    cfg = PipelineConfig(image_size=image_size, seed=seed, generator="builtin" if prior == "generator" else None,
+                         recon=ReconConfig(iterations=iterations, seed=seed, prior=prior))
     tests = {k: v for k, v in paths.items() if k != "train"}
-    _run_guarded(lambda: run_pipeline(paths["train"], tests, subject / "images", out, cfg, log=log,
-                                      extra={"simulation_seconds": sim_seconds}))
+    if compare_priors:
+        from . import analyses
+        from .recon.config import PRIORS
+        runs = analyses.prior_variants(cfg.model_copy(update={"generator": "builtin"}), list(PRIORS))
+        runs[prior] = runs[prior].model_copy(update={"true_feature_recon": True})
+        _run_guarded(lambda: analyses.compare_variants(paths["train"], tests, subject / "images", out, runs,
+                                                       "Reconstruction priors on the same decoded features", log=log))
+    else:
+        _run_guarded(lambda: run_pipeline(paths["train"], tests, subject / "images", out, cfg, log=log,
+                                          extra={"simulation_seconds": sim_seconds}))
     err.print(f"[green]done in {time.time() - t0:.0f} s:[/] open {out / 'report.html'}")
 
 

@@ -45,6 +45,9 @@ class PipelineConfig(BaseModel):
     layer_rois: dict[str, str] = {}           # layer name or prefix -> ROI decoding it, e.g. {"conv1": "ROI_V1+ROI_V2+ROI_V3"}
     alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist())
     alpha_sample_units: int = 256            # units per layer used to choose its penalty
+    decoder: str = "kernel"                  # "kernel": all-voxel kernel ridge, penalty by CV; "selection": FastL2LiR
+    selection_alpha: float = 100.0           # penalty of the voxel-selection decoder (the lab's default)
+    selection_voxels: int = 500              # voxels per unit of the voxel-selection decoder (the lab's default)
     recon: ReconConfig = ReconConfig()
     generator: str | None = None             # for recon.prior "generator": "builtin" or "relu7:PATH"
     rescale: bool = False                    # rescale decoded features to the true features SD (paper); off: measured better here
@@ -188,6 +191,10 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
     counts = np.bincount(image_index, minlength=len(train_labels))
     cache_bytes = 4 * len(train_images) * sum(units.values())
     mode = config.feature_store
+    if config.decoder not in ("kernel", "selection"):
+        raise PipelineError(f"decoder must be kernel or selection, not {config.decoder!r}")
+    if config.decoder == "selection":
+        mode = "disk"     # each unit's own voxels: its training features are needed whole
     if mode == "auto":
         mode = "disk" if cache_bytes <= config.feature_cache_gb * 1e9 else "stream"
     if mode not in ("disk", "stream"):
@@ -252,7 +259,24 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
         stats[f"{layer}/cv_r2"] = np.float32(scores.max())
 
     log.stage(f"decoding {sum(len(s.labels) for s in sets)} test images ({sum(units.values()):,} units)")
-    if mode == "disk":
+    if config.decoder == "selection":
+        from .decode.streaming import readout_selection
+        inputs = {}
+        for layer in layers:
+            decoder, test_X = decoder_for(layer)
+            Xt = (np.vstack([test_X[s.name] for s in sets]) - decoder.mean_) / decoder.sd_
+            inputs[layer] = (decoder.Xz_.astype(np.float32), image_index, Xt.astype(np.float32),
+                             lstats[layer].mean, lstats[layer].sd, config.selection_alpha, config.selection_voxels)
+            alphas[layer] = {"alpha": config.selection_alpha, "voxels_per_unit": config.selection_voxels,
+                             "roi": roi_for_layer(layer, config)}
+        executor = make_executor(config.executor, config.executor_options)
+        try:
+            flat = readout_selection(feat_path, units, inputs, cache / "decoded_chunks", executor, config.chunk_units,
+                                     progress=lambda i, n: log(f"  {i}/{n} tasks"))
+        finally:
+            if executor is not None:
+                executor.close()
+    elif mode == "disk":
         executor = make_executor(config.executor, config.executor_options)
         try:
             flat = readout_cached(feat_path, C, units, cache / "decoded_chunks", executor, config.chunk_units,

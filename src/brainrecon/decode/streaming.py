@@ -172,3 +172,51 @@ def readout_cached(cache: Path, C: dict[str, np.ndarray], units: dict[str, int],
     for k, s, e in tasks:
         out[k][:, s:e] = np.load(path_of[(k, s, e)])
     return out
+
+
+def select_decode_chunk(cache: str, layer: str, start: int, stop: int, Xz: np.ndarray, image_index: np.ndarray,
+                        Xz_test: np.ndarray, mean: np.ndarray, sd: np.ndarray, alpha: float, n_feat: int,
+                        out: str | None = None) -> np.ndarray | str:
+    """One task of the voxel-selection decoder (the lab's FastL2LiR): units ``start:stop`` of a layer.
+
+    ``Xz`` (n_samples, v) and ``Xz_test`` (m, v): voxels z-scored with training statistics; units are
+    z-scored with their training ``mean``/``sd`` (units,) and the predictions de-normalised.
+    """
+    from .selection import VoxelSelectionRidge
+
+    with h5py.File(cache, "r") as f:
+        Y = f[layer][:, start:stop]
+    mu, s = mean[start:stop], np.where(sd[start:stop] > 0, sd[start:stop], 1.0)
+    Yz = ((Y - mu) / s)[image_index]
+    result = VoxelSelectionRidge().fit_predict(Xz, Yz, Xz_test, alpha=alpha, n_feat=n_feat) * s + mu
+    result = result.astype(np.float32)
+    if out is None:
+        return result
+    tmp = f"{out}.tmp.npy"
+    np.save(tmp, result)
+    Path(tmp).replace(out)
+    return out
+
+
+def readout_selection(cache: Path, units: dict[str, int], inputs: dict[str, tuple], done_dir: Path, executor=None,
+                      chunk_units: int = 65536, progress: Progress = None) -> dict[str, np.ndarray]:
+    """Voxel-selection decoding of every layer from the feature cache as resumable (layer, chunk) tasks.
+
+    ``inputs[layer]``: (Xz, image_index, Xz_test, mean, sd, alpha, n_feat) for :func:`select_decode_chunk`.
+    """
+    done_dir = Path(done_dir)
+    done_dir.mkdir(parents=True, exist_ok=True)
+    tasks = chunk_tasks(units, chunk_units)
+    path_of = {t: str(done_dir / f"{t[0]}-{t[1]}.npy") for t in tasks}
+    todo = [t for t in tasks if not Path(path_of[t]).exists()]
+    run = executor.map if executor is not None else map
+    if todo:
+        cols = list(zip(*[(str(cache), t[0], t[1], t[2], *inputs[t[0]], path_of[t]) for t in todo]))
+        for i, _ in enumerate(run(select_decode_chunk, *cols)):
+            if progress:
+                progress(len(tasks) - len(todo) + i + 1, len(tasks))
+    m = len(inputs[next(iter(units))][2])
+    out = {k: np.empty((m, u), np.float32) for k, u in units.items()}
+    for k, s, e in tasks:
+        out[k][:, s:e] = np.load(path_of[(k, s, e)])
+    return out
