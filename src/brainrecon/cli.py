@@ -249,7 +249,8 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="output folder"),
     if compare_priors:
         from . import analyses
         from .recon.config import PRIORS
-        runs = analyses.prior_variants(cfg.model_copy(update={"generator": "builtin"}), list(PRIORS))
+        order = [p for p in PRIORS if p != "generator"] + ["generator"]
+        runs = analyses.prior_variants(cfg.model_copy(update={"generator": "builtin"}), order)
         runs[prior] = runs[prior].model_copy(update={"true_feature_recon": True})
         _run_guarded(lambda: analyses.compare_variants(paths["train"], tests, subject / "images", out, runs,
                                                        "Reconstruction priors on the same decoded features", log=log))

@@ -1,6 +1,7 @@
 """Networks: encoders with named layers, their weight loaders and preprocessing."""
 from __future__ import annotations
 
+from .generator import load_generator
 from .vgg import VGGEncoder, conv_layer_names, hed_weights_path, load_hed_vgg16, load_vgg19
 
 NETWORKS = ("hed-vgg16", "vgg19-caffe:PATH", "vgg19-torchvision:PATH")
@@ -22,4 +23,4 @@ def load_network(spec: str = "hed-vgg16") -> VGGEncoder:
 
 
 __all__ = ["VGGEncoder", "conv_layer_names", "hed_weights_path", "load_hed_vgg16", "load_network", "load_vgg19",
-           "NETWORKS"]
+           "NETWORKS", "load_generator"]

@@ -1,130 +1,139 @@
-"""Image reconstruction from DNN features by gradient descent on pixels (the iCNN of Shen et al. 2019).
+"""Image reconstruction from DNN features (the iCNN of Shen et al. 2019), with a choice of image priors.
 
-Loss per image: sum_l w_l ||phi_l(x) - y_l||^2 with w_l = (1/||y_l||^2) / sum_k (1/||y_k||^2).
-The image lives in the network's 0-255 pixel space, mean colour subtracted; each iteration takes a
-momentum step along the gradient normalised by its mean absolute value, shrinks the image towards
-the mean colour (pixel decay), blurs it with a Gaussian, and clips it to the valid range. Learning
-rate, decay and blur follow linear schedules. Images are reconstructed in batches.
+``reconstruct`` optimises, batch by batch, whatever ``config.prior`` parametrises the images by so
+that their features match the targets (loss: ``objective.FeatureLoss``):
+
+- ``"gd"`` (default): the paper's gradient descent on pixels (``pixels.PixelGD``);
+- ``"lbfgs"``: the paper's L-BFGS-B on bounded pixels (``lbfgs.PixelLBFGS``);
+- ``"generator"``: the paper's DGN condition, gradient descent on a generator's latent (``latent.LatentGD``);
+- ``"fourier"``: a decorrelated Fourier-space image under random transforms, Adam (``fourier.FourierAdam``);
+- ``"dip"``: a deep image prior, an untrained decoder per image, Adam on its weights (``dip.DIPAdam``).
 """
 from __future__ import annotations
 
-from typing import Callable
+import copy
+import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel
+from torch import nn
+
+from . import checkpoint as ckpt
+from .base import Prior, Streams, linear_schedule
+from .config import PRIORS, ReconConfig
+from .dip import DIPAdam
+from .fourier import FourierAdam
+from .latent import LatentGD
+from .lbfgs import PixelLBFGS
+from .objective import FeatureLoss, layer_weights
+from .pixels import PixelGD
+from .transforms import blur_chroma, gaussian_blur
+
+PRIOR_CLASSES: dict[str, type[Prior]] = {"gd": PixelGD, "lbfgs": PixelLBFGS, "generator": LatentGD,
+                                         "fourier": FourierAdam, "dip": DIPAdam}
+assert set(PRIOR_CLASSES) == set(PRIORS)
+
+__all__ = ["PRIOR_CLASSES", "ReconConfig", "blur_chroma", "display_normalise", "gaussian_blur", "layer_weights",
+           "linear_schedule", "make_prior", "reconstruct"]
 
 
-class ReconConfig(BaseModel):
-    """The paper's gradient-descent settings (blur sigma in pixels at 224 px, scaled to the image size)."""
-    iterations: int = 200
-    lr_start: float = 2.0
-    lr_end: float = 1e-10
-    momentum: float = 0.9
-    decay_start: float = 0.2
-    decay_end: float = 1e-10
-    blur_start: float = 2.0
-    blur_end: float = 0.5
-    blur_reference_size: int = 224
-    batch_size: int = 16
-    seed: int = 0
-    snapshots: list[int] = []   # iterations whose images are kept (the image evolving)
-    layer_scale: dict[str, float] = {}  # extra per-layer weight multipliers (default 1)
-    init: str = "noise"         # start image: "noise" (uniform 0-255) or "mean" (the mean colour)
-    chroma_blur: float = 0.0    # extra Gaussian blur (pixels) of the colour-opponent channels only
+def _device(name: str) -> torch.device:
+    d = torch.device(name)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
 
 
-def layer_weights(targets: dict[str, torch.Tensor], scale: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
-    """Per-image weights (n,) per layer: scale_l/||y_l||^2 normalised to sum to one over layers."""
-    scale = scale or {}
-    inv = {k: scale.get(k, 1.0) / v.flatten(1).pow(2).sum(1).clamp(min=1e-12) for k, v in targets.items()}
-    total = sum(inv.values())
-    return {k: v / total for k, v in inv.items()}
+def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` if all its tensors are on ``device``, else a copy moved there (the caller's stays put)."""
+    if all(t.device == device for t in list(module.parameters()) + list(module.buffers())):
+        return module
+    return copy.deepcopy(module).to(device)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (n, c, H, W) with reflect padding; sigma in pixels."""
-    if sigma < 0.3:
-        return x
-    radius = max(1, int(np.ceil(3 * sigma)))
-    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+def make_prior(targets: dict[str, torch.Tensor], network, size: int, cfg: ReconConfig, seed: int,
+               generator: nn.Module | None = None) -> Prior:
+    """The prior of ``cfg.prior`` for one batch: targets {layer: (n, ...)} and modules already on ``cfg.device``."""
+    device = _device(cfg.device)
+    loss = FeatureLoss(network, targets, cfg.layer_scale)
+    streams = Streams(seed, device)
+    if cfg.prior == "generator":
+        return LatentGD(loss, size, cfg, streams, device, generator)
+    return PRIOR_CLASSES[cfg.prior](loss, size, cfg, streams, device)
 
 
-def blur_chroma(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur the colour-opponent part of RGB images (n, 3, H, W), keeping luminance sharp.
+def _run_batch(prior: Prior, cfg: ReconConfig, path, key) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    start, snaps, saved = 0, {}, -1
+    state = ckpt.load(path, key) if path is not None else None
+    if state is not None:
+        prior.load_state_dict(state["prior"])
+        prior.streams.load_state_dict(state["streams"])
+        start, snaps, saved = state["iteration"], dict(state["snapshots"]), state["iteration"]
+    elif 0 in cfg.snapshots:
+        snaps[0] = prior.images().clone()
 
-    Natural images carry little fine detail in colour; this is the prior that JPEG's chroma
-    subsampling relies on.
-    """
-    lum = x.mean(1, keepdim=True)
-    return lum + gaussian_blur(x - lum, sigma)
+    def save(it: int) -> None:
+        nonlocal saved
+        ckpt.save(path, {"key": key, "iteration": it, "prior": prior.state_dict(),
+                         "streams": prior.streams.state_dict(), "snapshots": snaps})
+        saved = it
 
+    def on_iteration(it: int) -> None:
+        if it in cfg.snapshots:
+            snaps[it] = prior.images().clone()
+        if path is not None and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
+            save(it)
 
-def linear_schedule(start: float, end: float, n: int) -> np.ndarray:
-    return np.linspace(start, end, n) if n > 1 else np.array([start])
-
-
-def _reconstruct_batch(targets: dict[str, torch.Tensor], network, size: int, cfg: ReconConfig,
-                       generator: torch.Generator) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    n = next(iter(targets.values())).shape[0]
-    layers = list(targets)
-    weights = layer_weights(targets, cfg.layer_scale)
-    # network input space: 0-255, mean colour subtracted (RGB order here; the network flips to BGR itself)
-    mean = torch.tensor([123.68, 116.779, 103.939]).view(1, 3, 1, 1)
-    if cfg.init == "noise":
-        x = torch.rand(n, 3, size, size, generator=generator) * 255 - mean
-    elif cfg.init == "mean":
-        x = torch.zeros(n, 3, size, size)
-    else:
-        raise ValueError(f"init must be 'noise' or 'mean', not {cfg.init!r}")
-    delta = torch.zeros_like(x)
-    lrs = linear_schedule(cfg.lr_start, cfg.lr_end, cfg.iterations)
-    decays = linear_schedule(cfg.decay_start, cfg.decay_end, cfg.iterations)
-    scale = size / cfg.blur_reference_size
-    blurs = linear_schedule(cfg.blur_start * scale, cfg.blur_end * scale, cfg.iterations)
-    snaps = {}
-    for it in range(cfg.iterations):
-        x.requires_grad_(True)
-        feats = network((x + mean) / 255.0, layers)
-        loss = sum((weights[k] * (feats[k] - targets[k]).flatten(1).pow(2).sum(1)).sum() for k in layers)
-        (grad,) = torch.autograd.grad(loss, x)
-        with torch.no_grad():
-            x = x.detach()
-            grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12)
-            delta = cfg.momentum * delta + lrs[it] * grad
-            x = (1 - decays[it]) * (x - delta)
-            x = gaussian_blur(x, float(blurs[it]))
-            if cfg.chroma_blur > 0:
-                x = blur_chroma(x, cfg.chroma_blur)
-            x = torch.maximum(torch.minimum(x, 255 - mean), -mean)
-            if it + 1 in cfg.snapshots:
-                snaps[it + 1] = ((x + mean) / 255.0).clone()
-    return (x + mean) / 255.0, snaps
+    prior.run(start, on_iteration)
+    final = prior.images()
+    for it in cfg.snapshots:   # an optimiser that stopped early (L-BFGS) keeps its final image
+        if 0 < it <= cfg.iterations and it not in snaps:
+            snaps[it] = final
+    if path is not None and saved != cfg.iterations:
+        save(cfg.iterations)
+    return final.cpu(), {k: v.cpu() for k, v in snaps.items()}
 
 
 def reconstruct(targets: dict[str, torch.Tensor], network, size: int, config: ReconConfig | None = None,
-                progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                progress: Callable[[int, int], None] | None = None, generator: nn.Module | None = None,
+                checkpoint: str | os.PathLike | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Reconstruct images (n, 3, size, size) in [0, 1] whose features match ``targets`` {layer: (n, ...)}.
 
-    Returns (images, {iteration: images}) for the requested snapshots. Deterministic for a seed:
-    each batch's start image is drawn from a generator seeded by ``seed`` and the batch position.
+    ``network(images (n, 3, H, W) in [0, 1], layers) -> {layer: (n, ...)}``; its parameters are frozen.
+    ``generator``: the image generator module, needed by ``prior="generator"`` (else unused).
+    ``progress(done, n)`` is called after each batch with the number of images done.
+    ``checkpoint``: a folder or a path prefix; each batch's state is saved there every
+    ``checkpoint_every`` iterations and when it finishes, and a rerun resumes from it (same result
+    as an uninterrupted run; L-BFGS restarts its optimiser from the saved image).
+    Returns (images, {iteration: images}) for ``config.snapshots``, on the CPU. Deterministic for a
+    seed: each batch's random streams are seeded by ``seed`` and the batch position.
     """
     cfg = config or ReconConfig()
+    device = _device(cfg.device)
+    if cfg.prior == "generator" and generator is None:
+        raise ValueError("prior 'generator' needs a generator module: reconstruct(..., generator=module)")
+    modules = []
+    if isinstance(network, nn.Module):
+        network.requires_grad_(False)
+        network = _on_device(network, device)
+        modules.append(network)
+    if cfg.prior == "generator":
+        generator.requires_grad_(False)
+        generator = _on_device(generator, device).eval()
+        modules.append(generator)
+    base = ckpt.fingerprint(cfg, size, modules) if checkpoint is not None else ""
     n = next(iter(targets.values())).shape[0]
-    network.requires_grad_(False)
     out, snaps = [], {}
     step = -(-n // -(-n // cfg.batch_size))  # equal batches of at most batch_size images
     for b, s in enumerate(range(0, n, step)):
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + b)
-        batch = {k: v[s:s + step].float() for k, v in targets.items()}
-        images, snap = _reconstruct_batch(batch, network, size, cfg, gen)
+        batch = {k: torch.as_tensor(v[s:s + step]).float() for k, v in targets.items()}
+        path = key = None
+        if checkpoint is not None:
+            path, key = ckpt.batch_path(checkpoint, b), ckpt.batch_key(base, b, batch)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        prior = make_prior(batch, network, size, cfg, cfg.seed * 100003 + b, generator)
+        images, snap = _run_batch(prior, cfg, path, key)
         out.append(images)
         for k, v in snap.items():
             snaps.setdefault(k, []).append(v)
