@@ -130,17 +130,22 @@ def readout_stream(network, images: np.ndarray, C: dict[str, np.ndarray], batch_
     return {k: v.numpy() for k, v in out.items()}
 
 
-def decode_chunk(cache: str, layer: str, start: int, stop: int, C: np.ndarray, out: str | None = None) -> np.ndarray | str:
-    """One task: ``C @ Y[:, start:stop]`` for a layer of the feature cache; saved to ``out`` if given."""
-    with h5py.File(cache, "r") as f:
-        Y = f[layer][:, start:stop]
-    result = C @ Y
+def _task_result(result: np.ndarray, out: str | None) -> np.ndarray | str:
+    """The task's result, or its file: written to a temporary name, then renamed (never half-written)."""
     if out is None:
         return result
     tmp = f"{out}.tmp.npy"
     np.save(tmp, result)
     Path(tmp).replace(out)
     return out
+
+
+def decode_chunk(cache: str, layer: str, start: int, stop: int, C: np.ndarray, out: str | None = None) -> np.ndarray | str:
+    """One task: ``C @ Y[:, start:stop]`` for a layer of the feature cache; saved to ``out`` if given."""
+    with h5py.File(cache, "r") as f:
+        Y = f[layer][:, start:stop]
+    result = C @ Y
+    return _task_result(result, out)
 
 
 def chunk_tasks(units: dict[str, int], chunk_units: int) -> list[tuple[str, int, int]]:
@@ -190,12 +195,7 @@ def select_decode_chunk(cache: str, layer: str, start: int, stop: int, Xz: np.nd
     Yz = ((Y - mu) / s)[image_index]
     result = VoxelSelectionRidge().fit_predict(Xz, Yz, Xz_test, alpha=alpha, n_feat=n_feat) * s + mu
     result = result.astype(np.float32)
-    if out is None:
-        return result
-    tmp = f"{out}.tmp.npy"
-    np.save(tmp, result)
-    Path(tmp).replace(out)
-    return out
+    return _task_result(result, out)
 
 
 def readout_selection(cache: Path, units: dict[str, int], inputs: dict[str, tuple], done_dir: Path, executor=None,
