@@ -12,7 +12,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 err = Console(stderr=True)
 
 DEMO = dict(image_size=48, n_train_images=1200, n_test_natural=20)
-DEMO_PRIOR = "gd"   # the prior with the best pixel identification on the demo subject (docs/priors.md)
+DEMO_PRIOR = "fourier"   # the prior with the best mean pixel identification on the demo subject (docs/priors.md)
 
 
 def _fail(message: str) -> None:
