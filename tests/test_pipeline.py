@@ -141,7 +141,7 @@ def test_layer_rois(small_subject, tmp_path):
     assert "decoder for ROI_V1+ROI_V2+ROI_V3" in result.output
 
 
-def test_run_with_a_vgg19_state_dict(small_subject, tmp_path):
+def test_run_with_a_vgg19_state_dict(small_subject, tmp_path, monkeypatch):
     """All 19 paper layers (conv1_1 ... fc8) flow through decoding and reconstruction."""
     import torch
     from brainrecon.nets.vgg import VGGEncoder
@@ -166,6 +166,23 @@ def test_run_with_a_vgg19_state_dict(small_subject, tmp_path):
     assert len(layers) == 19 and list(layers)[-3:] == ["fc6", "fc7", "fc8"]
     bad = runner.invoke(app, _run_args(subject, out, tests=("shapes",)) + ["--network", "resnet50"])
     assert bad.exit_code == 2 and "unknown network" in bad.output
+
+    # the real-data example config runs to the end with fixture files where the downloads would be
+    from pathlib import Path
+    home = tmp_path / "user" / ".cache" / "brainrecon"
+    (home / "fmri").mkdir(parents=True)
+    (home / "models" / "VGG_ILSVRC_19_layers").mkdir(parents=True)
+    shutil.copy(subject / "train.h5", home / "fmri" / "sub-01_perceptionNaturalImageTraining_original_VC.h5")
+    shutil.copy(subject / "test_natural.h5", home / "fmri" / "sub-01_perceptionNaturalImageTest_original_VC.h5")
+    shutil.copy(path, home / "models" / "VGG_ILSVRC_19_layers" / "VGG_ILSVRC_19_layers.pt")
+    shutil.copytree(subject / "images", home / "images")
+    example = Path(__file__).resolve().parents[1] / "examples" / "dir-subject1-vgg19.yaml"
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    result = runner.invoke(app, ["run", str(example), "--out", str(tmp_path / "example"), "--image-size", "32",
+                                 "--iterations", "2", "--no-true-features"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "example" / "metrics.json").read_text())
+    assert metrics["natural"]["n_images"] == 6 and len(metrics["natural"]["feature_decoding"]) == 19
 
 
 def test_run_from_a_config_file(small_subject, tmp_path):
