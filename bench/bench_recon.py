@@ -184,13 +184,13 @@ def bench_priors(args) -> list[str]:
         t_net.append(_timed(lambda x=x: torch.autograd.grad(loss(x).sum(), x)))
     flops = 2 * conv_flops(net, size, layers)
     lines = [f"### Priors ({size} px, batch {n}, hed-vgg16 all 13 conv layers, {its} iterations)", "",
-             "| prior | s per iteration (batch of 16) | s per image-iteration | loss after "
-             f"{its} iterations / loss of the mean-colour image (median) |", "|---|---|---|---|"]
+             ("| prior | s per iteration (batch of 16) | s per image-iteration | loss after "
+              f"{its} iterations / loss of the mean-colour image (median) |"), "|---|---|---|---|"]
     for prior in priors:
         t = min(times[prior])
         lines.append(f"| {prior} | {t:.3f} | {t / n:.4f} | {ratios[prior]:.3f} |")
-    lines += ["", f"The network alone (forward + backward to the input, batch of 16): {min(t_net):.3f} s; "
-              f"{flops / 1e9:.2f} GFLOP of convolutions per image-iteration. {note}."]
+    lines += ["", (f"The network alone (forward + backward to the input, batch of 16): {min(t_net):.3f} s; "
+                   f"{flops / 1e9:.2f} GFLOP of convolutions per image-iteration. {note}.")]
     return lines
 
 
@@ -221,6 +221,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        try:  # numpy's BLAS too, so that its GEMM peak is measured on as many threads
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(args.threads)
+        except ImportError:
+            print("threadpoolctl is not installed: numpy's GEMM uses all cores", file=sys.stderr)
     command = " ".join(["python bench/bench_recon.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [(f"Run with `{command}` on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
               f"({torch.get_num_threads()} threads). Times are the minimum of {args.repeats} runs."), ""]
