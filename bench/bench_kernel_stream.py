@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def main() -> None:
     t_load = time.time() - t0
     layers = network.layer_names
     cache = args.work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)   # nothing reused: both passes are timed
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     decoded, _, stats, alphas = decode_stage(subject / "train.h5", train, image_index, labels, train_images, sets,
@@ -86,7 +88,7 @@ Simulated subject: {len(image_index)} training samples of {len(labels)} images, 
 | decoding stage (two forward passes, penalty choice, decoding) | {t_decode:.0f} s |
 | stage times | {", ".join(f"{k}: {v:.0f} s" for k, v in log.times.items() if k != "loading")} |
 | peak resident memory (whole process, incl. {len(labels)} training images in memory) | {rss:.1f} GB |
-| memory bound of the streamed decoder | (n_test + batch) x units x 4 B + 2 x units x 8 B |
+| memory bound of the streamed decoder | (n_test + batch) x units x 4 B + units x 20 B (statistics) + batch x largest layer x 4 B |
 
 | layer | alpha | profile r | pattern r | feature identification |
 |---|---|---|---|---|
