@@ -5,6 +5,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from brainrecon.cli import app
@@ -39,9 +40,19 @@ def test_end_to_end_tiny(small_subject, tmp_path):
     assert metrics["shapes"]["feature_decoding"]["conv3_1"]["feature_identification"] > 0.7
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") > 2 * (6 + 40 + 10) and "test-retest" in html
-    # a second run reuses the finished reconstructions
+    # snapshots: the images at 0, 5, 12.5, 25 and 50% of the iterations, saved and in the report
+    label = sorted((out / "recon" / "shapes").glob("*.png"))[0].stem
+    snaps = sorted((out / "recon_snapshots" / "shapes" / label).glob("*.png"))
+    assert [p.name for p in snaps] == [f"iter{i:05d}.png" for i in (0, 2, 5, 10, 20)]
+    first, half = (np.asarray(Image.open(p), float) for p in (snaps[0], snaps[-1]))
+    final = np.asarray(Image.open(out / "recon" / "shapes" / f"{label}.png"), float)
+    assert np.abs(first - final).mean() > np.abs(half - final).mean()   # the image converges
+    evolving = "How the reconstructions evolve (iterations 0, 2, 5, 10, 20, final)"
+    assert html.count(evolving) == 3
+    # a second run reuses the finished reconstructions (and their snapshots)
     again = runner.invoke(app, _run_args(subject, out))
     assert again.exit_code == 0 and "reused finished reconstructions" in again.output
+    assert (out / "report.html").read_text().count(evolving) == 3
     assert json.loads((out / "metrics.json").read_text())["shapes"]["pixel_identification"] == \
         metrics["shapes"]["pixel_identification"]
     # other reconstruction settings keep the training-feature cache
@@ -139,6 +150,26 @@ def test_layer_rois(small_subject, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["layer_rois"]["conv1_1"] == "ROI_V1+ROI_V2+ROI_V3" and run["layer_rois"]["conv2_1"] == "ROI_VC"
     assert "decoder for ROI_V1+ROI_V2+ROI_V3" in result.output
+
+
+def test_per_unit_penalties(small_subject, tmp_path):
+    subject, _ = small_subject
+    out = tmp_path / "unit_alpha"
+    result = runner.invoke(app, _run_args(subject, out, tests=("shapes",)) +
+                           ["--iterations", "3", "--no-true-features", "--layers", "conv2_1,conv5_3",
+                            "--alpha-per", "unit", "--snapshots", "none"])
+    assert result.exit_code == 0, result.output
+    alphas = json.loads((out / "run.json").read_text())["alphas"]
+    units = {"conv2_1": 128 * 16 * 16, "conv5_3": 512 * 2 * 2}
+    for layer, n in units.items():
+        chosen = {float(a): c for a, c in alphas[layer]["unit_alpha_counts"].items()}
+        assert sum(chosen.values()) == n and alphas[layer]["alpha_per"] == "unit"
+        layer_alpha = alphas[layer]["alpha"]
+        assert all(layer_alpha / 30 <= a <= layer_alpha * 30 for a in chosen)
+    assert len(chosen) > 1                       # units differ in their best penalty
+    assert not (out / "recon_snapshots").exists()
+    m = json.loads((out / "metrics.json").read_text())["shapes"]
+    assert m["feature_decoding"]["conv5_3"]["profile_correlation"] > 0.2
 
 
 def test_run_with_a_vgg19_state_dict(small_subject, tmp_path, monkeypatch):

@@ -49,6 +49,29 @@ def test_grouped_cv_equals_brute_force(n_img, v):
     assert best == dec.alphas[int(np.argmax(expected))]
 
 
+@pytest.mark.parametrize("n_img,v", [(60, 40), (20, 120)])
+def test_per_unit_cv_errors_equal_brute_force(n_img, v):
+    X, idx, Y, _ = _problem(n_img, v)
+    Y = Y * np.arange(1, Y.shape[1] + 1) + 50.0          # units of different scales, far from zero mean
+    Y[:, -2:] = np.random.default_rng(5).normal(size=(n_img, 2))   # two units the voxels do not carry
+    dec = KernelRidgeDecoder(alphas=np.array([1.0, 30.0, 1000.0, 1e5])).fit(X, idx)
+    m, s = zscore_fit(X)
+    Xz = (X - m) / s
+    T = Y[idx] - Y[idx].mean(0)
+    expected = np.zeros((4, Y.shape[1]))
+    for a, alpha in enumerate(dec.alphas):
+        for i in range(n_img):
+            test = idx == i
+            w = np.linalg.solve(Xz[~test].T @ Xz[~test] + alpha * np.eye(v), Xz[~test].T @ T[~test])
+            expected[a] += ((T[test] - Xz[test] @ w) ** 2).sum(0)
+    P = dec.loo_matrices([0, 1, 2, 3])
+    got = dec.unit_cv_errors(P, Y, chunk=3)
+    np.testing.assert_allclose(got, expected, rtol=2e-3)
+    np.testing.assert_array_equal(got.argmin(0), expected.argmin(0))
+    if n_img > v:   # the units the voxels carry want a moderate penalty, the two they do not the largest
+        assert expected.argmin(0).tolist() == [1] * 5 + [3, 3]
+
+
 def test_target_statistics_match_sample_statistics():
     X, idx, Y, _ = _problem(40, 30)
     dec = KernelRidgeDecoder().fit(X, idx)

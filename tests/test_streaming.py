@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from brainrecon.decode.ridge import KernelRidgeDecoder
-from brainrecon.decode.streaming import combination_weights, readout_cached, readout_stream, training_pass
+from brainrecon.decode.streaming import (combination_weights, read_unit_alphas, readout_cached, readout_stream,
+                                         training_pass)
 from brainrecon.executors import make_executor
 from brainrecon.nets.vgg import VGGEncoder
 
@@ -56,6 +57,28 @@ def test_stream_and_cached_readouts_equal_direct_prediction(problem, tmp_path):
     (tmp_path / "f.h5").rename(tmp_path / "moved.h5")
     again = readout_cached(tmp_path / "moved.h5", C, units, tmp_path / "done", chunk_units=1000)
     np.testing.assert_array_equal(again["conv1_2"], cached["conv1_2"])
+
+
+def test_per_unit_penalties_decode_each_unit_with_its_best_penalty(problem, tmp_path):
+    net, images, image_index, layers, Y, _, _, _, counts = problem
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((len(image_index), 40))
+    X_test = rng.standard_normal((5, 40))
+    dec = KernelRidgeDecoder(np.array([0.3, 10.0, 300.0])).fit(X, image_index)
+    w = counts / counts.sum()
+    grid = [0, 1, 2]
+    Cs = np.stack([combination_weights(dec.test_weights(X_test, dec.alphas[i]), w) for i in grid])
+    P = dec.loo_matrices(grid, w)
+    training_pass(net, images, layers, counts, n_sample=3, batch_size=5, cache=tmp_path / "f.h5")
+    units = {k: Y[k].shape[1] for k in layers}
+    got = readout_cached(tmp_path / "f.h5", {k: (Cs, P, dec.alphas[grid]) for k in layers}, units,
+                         tmp_path / "done", chunk_units=700)
+    for k in layers:
+        best = dec.unit_cv_errors(P, Y[k]).argmin(0)
+        expected = np.stack([dec.predict(dec.test_weights(X_test, dec.alphas[i]), Y[k]) for i in grid])
+        np.testing.assert_allclose(got[k], np.take_along_axis(expected, best[None, None], 0)[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(read_unit_alphas(tmp_path / "done", k, units[k], 700), dec.alphas[best])
+    assert len(np.unique(read_unit_alphas(tmp_path / "done", "conv1_2", units["conv1_2"], 700))) > 1
 
 
 def test_dask_local_cluster_equals_local(problem, tmp_path):

@@ -48,7 +48,8 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
 
 RUN_DEFAULTS = {"roi": "ROI_VC", "layer_roi": {}, "image_size": 224, "iterations": 200, "network": "hed-vgg16",
                 "seed": 0, "no_true_features": False, "prior": "gd", "generator": None, "layers": None,
-                "feature_store": "auto", "executor": "local", "executor_options": {}, "decoder": "kernel"}
+                "feature_store": "auto", "executor": "local", "executor_options": {}, "decoder": "kernel",
+                "alpha_per": "layer", "snapshots": None}
 RUN_KEYS = ("train", "test", "images", "out", *RUN_DEFAULTS)
 
 
@@ -111,6 +112,11 @@ OPT = dict(
     executor=typer.Option(None, help="decoding tasks: local (default), processes:N, dask, dask:ADDRESS"),
     decoder=typer.Option(None, help="kernel (default: all-voxel ridge, penalty by cross-validation) or selection "
                                     "(the lab's FastL2LiR: top 500 voxels per unit, alpha 100)"),
+    alpha_per=typer.Option(None, help="kernel ridge penalty: layer (default: one per layer, by cross-validation on "
+                                      "a sample of its units) or unit (each unit its own, for layers up to 200,000 "
+                                      "units; needs the feature cache on disk)"),
+    snapshots=typer.Option(None, help="comma-separated iterations whose images are kept and shown in the report "
+                                      "(default: 0 and 5, 12.5, 25, 50% of the iterations; 'none' for none)"),
     seed=typer.Option(None, help="random seed (default 0)"),
     no_true_features=typer.Option(None, "--no-true-features", help="skip reconstructions from true features"),
 )
@@ -136,13 +142,20 @@ def _run_setup(config, given: dict):
     if isinstance(layers, str):
         layers = [x.strip() for x in layers.split(",") if x.strip()]
     generator = opts["generator"] or ("builtin" if opts["prior"] == "generator" else None)
+    snapshots = opts["snapshots"]
+    if isinstance(snapshots, str):
+        try:
+            snapshots = [] if snapshots.strip().lower() == "none" else [int(x) for x in snapshots.split(",") if x.strip()]
+        except ValueError:
+            _fail(f"--snapshots {opts['snapshots']!r}: give comma-separated iterations, e.g. 0,10,50, or none")
     try:
         cfg = PipelineConfig(network=opts["network"], image_size=opts["image_size"], roi=opts["roi"], seed=opts["seed"],
                              layer_rois=_pairs(opts["layer_roi"], "layer_roi", "LAYER: ROI"), layers=layers,
                              recon=ReconConfig(iterations=opts["iterations"], seed=opts["seed"], prior=opts["prior"]),
                              generator=generator, true_feature_recon=not opts["no_true_features"],
                              feature_store=opts["feature_store"], executor=opts["executor"], decoder=opts["decoder"],
-                             executor_options=opts["executor_options"] or {})
+                             executor_options=opts["executor_options"] or {}, alpha_per=opts["alpha_per"],
+                             snapshots=snapshots)
     except ValueError as e:   # pydantic's validation errors
         _fail(f"invalid setting: {e}")
     tests = {k: Path(v) for k, v in opts["test"].items()}
@@ -158,7 +171,8 @@ def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any o
         iterations: Optional[int] = OPT["iterations"], network: Optional[str] = OPT["network"],
         prior: Optional[str] = OPT["prior"], generator: Optional[str] = OPT["generator"],
         layers: Optional[str] = OPT["layers"], executor: Optional[str] = OPT["executor"],
-        decoder: Optional[str] = OPT["decoder"],
+        decoder: Optional[str] = OPT["decoder"], alpha_per: Optional[str] = OPT["alpha_per"],
+        snapshots: Optional[str] = OPT["snapshots"],
         seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"]):
     """Run the whole pipeline on BData files: decode, reconstruct, evaluate, report."""
     given = {k: v for k, v in locals().items() if k != "config"}
@@ -184,7 +198,8 @@ def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis
             iterations: Optional[int] = OPT["iterations"], network: Optional[str] = OPT["network"],
             prior: Optional[str] = OPT["prior"], generator: Optional[str] = OPT["generator"],
             layers: Optional[str] = OPT["layers"], executor: Optional[str] = OPT["executor"],
-        decoder: Optional[str] = OPT["decoder"],
+        decoder: Optional[str] = OPT["decoder"], alpha_per: Optional[str] = OPT["alpha_per"],
+        snapshots: Optional[str] = OPT["snapshots"],
             seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"]):
     """Run variants of the pipeline on the same data and compare them in one report (out/report.html)."""
     given = {k: v for k, v in locals().items() if k not in ("what", "config", "variants")}

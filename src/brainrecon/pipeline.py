@@ -46,12 +46,16 @@ class PipelineConfig(BaseModel):
     alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist())
     alpha_sample_units: int = 256            # units per layer used to choose its penalty
     decoder: str = "kernel"                  # "kernel": all-voxel kernel ridge, penalty by CV; "selection": FastL2LiR
+    alpha_per: str = "layer"                 # kernel ridge penalty: "layer" (CV on a unit sample) or "unit" (each unit's own)
+    unit_alpha_max_units: int = 200_000      # alpha_per "unit": larger layers keep one penalty (cost 2 n_images^2 flops per unit and penalty)
+    unit_alpha_span: float = 30.0            # alpha_per "unit": penalties searched within this factor of the layer's
     selection_alpha: float = 100.0           # penalty of the voxel-selection decoder (the lab's default)
     selection_voxels: int = 500              # voxels per unit of the voxel-selection decoder (the lab's default)
     recon: ReconConfig = ReconConfig()
     generator: str | None = None             # for recon.prior "generator": "builtin" or "relu7:PATH"
     rescale: bool = False                    # rescale decoded features to the true features SD (paper); off: measured better here
     true_feature_recon: bool = True          # also reconstruct from the true features (upper bound)
+    snapshots: list[int] | None = None       # iterations whose images are kept (from decoded features); None: 0, 5%, 12.5%, 25%, 50%
     feature_store: str = "auto"              # training features: "disk" (HDF5 cache), "stream" (never stored), "auto"
     feature_cache_gb: float = 8.0            # "auto" streams when the cache would be larger than this
     batch_size: int = 16                     # images per forward pass when extracting features
@@ -67,10 +71,17 @@ class PipelineConfig(BaseModel):
         """
         exclude = {"executor", "executor_options", "batch_size", "chunk_units", "feature_store", "feature_cache_gb"}
         if decoding_only:
-            exclude |= {"recon", "recon_layers", "rescale", "true_feature_recon"}
+            exclude |= {"recon", "recon_layers", "rescale", "true_feature_recon", "snapshots"}
         ident = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, inputs) if p.exists()]
         text = self.model_dump_json(exclude=exclude) + json.dumps(ident)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def snapshot_iterations(config: PipelineConfig) -> list[int]:
+    """Iterations whose images are kept while reconstructing from decoded features (the final one is the result)."""
+    its = config.recon.iterations
+    chosen = config.snapshots if config.snapshots is not None else [0, its // 20, its // 8, its // 4, its // 2]
+    return sorted({i for i in chosen if 0 <= i < its})
 
 
 class Log:
@@ -183,7 +194,8 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
     statistics {"<layer>/mean" (shape), "<layer>/sd" (units,), "<layer>/true_sd", "<layer>/cv_r2"},
     {layer: {"alpha", "cv_r2", "roi"}}).
     """
-    from .decode.streaming import combination_weights, readout_cached, readout_stream, training_pass
+    from .decode.streaming import (combination_weights, read_unit_alphas, readout_cached, readout_stream,
+                                   training_pass)
     from .executors import make_executor
 
     shapes = network.unit_shapes(config.image_size)
@@ -258,6 +270,32 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
         stats[f"{layer}/true_sd"] = np.float32(st.channel_sd)
         stats[f"{layer}/cv_r2"] = np.float32(scores.max())
 
+    if config.alpha_per not in ("layer", "unit"):
+        raise PipelineError(f"alpha_per must be layer or unit, not {config.alpha_per!r}")
+    per_unit = []
+    if config.alpha_per == "unit" and config.decoder == "kernel":
+        if mode != "disk":
+            raise PipelineError("alpha_per 'unit' needs the training features on disk, but they are streamed "
+                                f"({cache_bytes / 1e9:.1f} GB): set feature_store: disk (and feature_cache_gb) "
+                                "or use alpha_per: layer")
+        loo: dict[tuple[str, int], np.ndarray] = {}
+        for layer in layers:
+            if units[layer] > config.unit_alpha_max_units:
+                log(f"  {layer}: {units[layer]:,} units > unit_alpha_max_units: one penalty for the layer")
+                continue
+            decoder, test_X = decoder_for(layer)
+            roi, alpha = roi_for_layer(layer, config), alphas[layer]["alpha"]
+            grid = [i for i, a in enumerate(decoder.alphas)
+                    if alpha / config.unit_alpha_span <= a <= alpha * config.unit_alpha_span]
+            todo = [i for i in grid if (roi, i) not in loo]
+            if todo:
+                log(f"  leave-one-image-out matrices for {roi}: {len(todo)} penalties")
+                loo.update({(roi, i): P for i, P in zip(todo, decoder.loo_matrices(todo, w))})
+            Cs = np.stack([combination_weights(np.vstack([decoder.test_weights(test_X[s.name], decoder.alphas[i])
+                                                          for s in sets]), w) for i in grid])
+            C[layer] = (Cs, np.stack([loo[roi, i] for i in grid]), decoder.alphas[grid])
+            per_unit.append(layer)
+
     log.stage(f"decoding {sum(len(s.labels) for s in sets)} test images ({sum(units.values()):,} units)")
     if config.decoder == "selection":
         from .decode.streaming import readout_selection
@@ -286,6 +324,13 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
                 executor.close()
     else:
         flat = readout_stream(network, train_images, C, config.batch_size, progress=progress)
+    for layer in per_unit:
+        ua = read_unit_alphas(cache / "decoded_chunks", layer, units[layer], config.chunk_units)
+        values, counts_a = np.unique(ua, return_counts=True)
+        alphas[layer].update(alpha_per="unit", unit_alpha_median=float(np.median(ua)),
+                             unit_alpha_counts={f"{v:g}": int(c) for v, c in zip(values, counts_a)})
+        stats[f"{layer}/unit_alpha"] = ua.reshape(shapes[layer])
+        log(f"  {layer}: per-unit penalties, median {np.median(ua):g} (layer {alphas[layer]['alpha']:g})")
     decoded, row = {}, 0
     for s in sets:
         decoded[s.name] = {k: flat[k][row:row + len(s.labels)].reshape(len(s.labels), *shapes[k]) for k in layers}
@@ -296,7 +341,8 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
 def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out: Path,
                  config: PipelineConfig | None = None, log: Log | None = None, extra: dict | None = None,
                  cache_root: Path | None = None) -> dict:
-    """Run every stage; writes ``out/metrics.json``, ``out/report.html``, ``out/recon/<set>/<label>.png``.
+    """Run every stage; writes ``out/metrics.json``, ``out/report.html``, ``out/recon/<set>/<label>.png``
+    (and ``out/recon_snapshots/<set>/<label>/iterNNNNN.png``, the images at earlier iterations).
 
     ``cache_root`` (default ``out/cache``) holds the reusable intermediate results; runs that share
     it share their training features. Returns the metrics dictionary.
@@ -375,20 +421,32 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
             log.stage(f"reconstructing '{s.name}' from {kind} features ({len(s.labels)} images, "
                       f"{config.recon.iterations} iterations)")
             npy = cache / f"recon_{s.name}_{kind}.npy"
+            snap_file = cache / f"recon_{s.name}_{kind}_snapshots.npz"
+            recon_cfg = config.recon
+            if kind == "decoded":
+                recon_cfg = recon_cfg.model_copy(update={"snapshots": snapshot_iterations(config)})
             if npy.exists():
                 images = np.load(npy)
+                snaps = {int(k): v for k, v in np.load(snap_file).items()} if snap_file.exists() else {}
                 log("  reused finished reconstructions")
             else:
                 t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
-                raw, _ = reconstruct(t, network, config.image_size, config.recon, generator=generator,
-                                     progress=lambda i, n: log(f"  {i}/{n} images"),
-                                     checkpoint=cache / f"checkpoint_{s.name}_{kind}")
+                raw, raw_snaps = reconstruct(t, network, config.image_size, recon_cfg, generator=generator,
+                                             progress=lambda i, n: log(f"  {i}/{n} images"),
+                                             checkpoint=cache / f"checkpoint_{s.name}_{kind}")
                 images = display_normalise(raw.numpy())
+                snaps = {it: display_normalise(v.numpy()) for it, v in sorted(raw_snaps.items())}
+                np.savez(snap_file, **{str(it): v for it, v in snaps.items()})
                 np.save(npy, images)
             recon_images[s.name][kind] = images
             folder = out / "recon" / s.name if kind == "decoded" else out / "recon_true_features" / s.name
             for lab, img in zip(s.labels, images):
                 _save_png(img, folder / f"{lab}.png")
+            if kind == "decoded" and snaps:
+                recon_images[s.name]["snapshots"] = snaps
+                for it, imgs in snaps.items():
+                    for lab, img in zip(s.labels, imgs):
+                        _save_png(img, out / "recon_snapshots" / s.name / lab / f"iter{it:05d}.png")
 
         log.stage(f"evaluating '{s.name}'")
         ident = pairwise_identification(recon_images[s.name]["decoded"], s.images)

@@ -6,7 +6,9 @@ No (n_voxels, n_units) weight matrix is ever formed; units are processed in chun
 
 The ridge penalty is chosen per layer by leave-one-group-out cross-validation from a single SVD of
 the training voxels, grouping the repeated presentations of an image (leaving out one presentation
-while keeping the others would leak the image and favour too small a penalty).
+while keeping the others would leak the image and favour too small a penalty); or per unit, from
+one (n_images, n_images) matrix per penalty that gives every unit's leave-one-image-out error as a
+quadratic form of its targets (:meth:`KernelRidgeDecoder.loo_matrices`).
 """
 from __future__ import annotations
 
@@ -105,6 +107,47 @@ class KernelRidgeDecoder:
                 sse += (resid ** 2).sum(axis=(0, 1))
             scores.append(float(np.mean(1.0 - sse / len(Y))))
         return np.array(scores)
+
+    def loo_matrices(self, alpha_indices: list[int], image_weights: np.ndarray | None = None) -> np.ndarray:
+        """P (a, n_images, n_images): per-unit leave-one-image-out errors as quadratic forms.
+
+        For a unit with targets t (n_images,), centred by the training mean (``image_weights``,
+        default: the presentation shares), its leave-one-image-out sum of squared errors over
+        training samples at penalty ``alphas[alpha_indices[a]]`` is ``t' P[a] t`` (the centring is
+        folded into P, so P 1 = 0). Cost: one (n, r) x (r, n_images) product per
+        penalty, then 2 n_images^2 flops per unit and penalty (:meth:`unit_cv_errors`).
+        """
+        n = len(self.image_index_)
+        w = self.counts_ / self.counts_.sum() if image_weights is None else np.asarray(image_weights, np.float64)
+        W = np.zeros((self.n_images_, self.U_.shape[1]))
+        np.add.at(W, self.image_index_, self.U_)                                # S' U (n_images, r)
+        blocks = self._group_blocks()
+        rows = np.arange(n)
+        out = np.empty((len(alpha_indices), self.n_images_, self.n_images_), np.float32)
+        for j, a in enumerate(alpha_indices):
+            alpha = self.alphas[a]
+            d = 1.0 / (self.eig_ + alpha) - 1.0 / alpha
+            GS = (self.U_ * d) @ W.T                                            # G S = S / alpha + U D U' S
+            GS[rows, self.image_index_] += 1.0 / alpha
+            F = np.empty_like(GS)
+            for idx, blk in blocks.values():                                    # residual of each left-out image
+                F[idx] = np.linalg.solve(blk[a], GS[idx])
+            F -= F.sum(1, keepdims=True) * w[None, :]                          # targets centred: t - 1 w't
+            out[j] = F.T @ F
+        return out
+
+    @staticmethod
+    def unit_cv_errors(P: np.ndarray, Y_images: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """Leave-one-image-out squared error (a, k) of each unit for each matrix of :meth:`loo_matrices`."""
+        P = np.asarray(P, np.float32)
+        a, m, _ = P.shape
+        out = np.empty((a, Y_images.shape[1]), np.float32)
+        flat = P.reshape(a * m, m)
+        for s in range(0, Y_images.shape[1], chunk):
+            Y = np.asarray(Y_images[:, s:s + chunk], np.float32)
+            Y = Y - Y.mean(0)                       # P 1 = 0: any constant shift leaves t' P t unchanged
+            out[:, s:s + chunk] = np.einsum("amk,mk->ak", (flat @ Y).reshape(a, m, -1), Y)
+        return out
 
     def choose_alpha(self, Y_images: np.ndarray) -> tuple[float, np.ndarray]:
         """Best alpha and the CV score per alpha, from targets (n_images, k) (a sample of units)."""

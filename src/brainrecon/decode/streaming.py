@@ -61,9 +61,10 @@ def training_pass(network, images: np.ndarray, layers: list[str], counts: np.nda
     :func:`readout_cached`; the file is only renamed into place once complete.
     """
     n = len(images)
-    c = torch.as_tensor(counts, dtype=torch.float64)
+    c = torch.as_tensor(counts, dtype=torch.float32)
     rng = np.random.default_rng(seed)
     acc: dict[str, dict] = {}
+    scratch = torch.empty(0)
     tmp = Path(cache).with_suffix(".partial.h5") if cache else None
     h5 = h5py.File(tmp, "w") if tmp else None
     try:
@@ -76,7 +77,10 @@ def training_pass(network, images: np.ndarray, layers: list[str], counts: np.nda
                 if k not in acc:
                     units = flat.shape[1]
                     idx = np.sort(rng.choice(units, min(n_sample, units), replace=False))
-                    acc[k] = dict(shape=tuple(a.shape[1:]), s1=torch.zeros(units, dtype=torch.float64),
+                    # sums of (value - shift), shift = the first image's values: float32 within a batch,
+                    # float64 across batches, and no cancellation when a unit's mean is large
+                    acc[k] = dict(shape=tuple(a.shape[1:]), shift=flat[0].clone(),
+                                  s1=torch.zeros(units, dtype=torch.float64),
                                   s2=torch.zeros(units, dtype=torch.float64), csd=0.0, idx=idx,
                                   sample=np.empty((n, len(idx)), np.float32))
                     if h5 is not None:
@@ -84,9 +88,11 @@ def training_pass(network, images: np.ndarray, layers: list[str], counts: np.nda
                         h5.create_dataset(k, (n, units), dtype="f4", chunks=(min(batch_size, n), min(units, 65536))
                                           ).attrs["shape"] = a.shape[1:]
                 d = acc[k]
-                f64 = flat.double()
-                d["s1"] += cb @ f64
-                d["s2"] += cb @ f64.square()
+                if scratch.numel() < flat.numel():     # one buffer reused for every layer and batch
+                    scratch = torch.empty(flat.numel())
+                dev = torch.sub(flat, d["shift"], out=scratch[:flat.numel()].view(flat.shape))
+                d["s1"] += cb @ dev
+                d["s2"] += cb @ dev.square_()
                 d["csd"] += _channel_sd_sum(a)
                 d["sample"][s:s + len(a)] = flat[:, d["idx"]].numpy()
                 if h5 is not None:
@@ -101,11 +107,12 @@ def training_pass(network, images: np.ndarray, layers: list[str], counts: np.nda
     finally:
         if h5 is not None:
             h5.close()
-    total = float(c.sum())
+    total = float(c.double().sum())
     out = {}
     for k, d in acc.items():
-        mean = d["s1"] / total
-        var = ((d["s2"] - total * mean.square()) / max(total - 1, 1)).clamp(min=0)
+        mean_dev = d["s1"] / total
+        var = ((d["s2"] - total * mean_dev.square()) / max(total - 1, 1)).clamp(min=0)
+        mean = d["shift"].double() + mean_dev
         out[k] = LayerStats(d["shape"], mean.float().numpy(), var.sqrt().float().numpy(), d["csd"] / n,
                             d["idx"], d["sample"])
     return out
@@ -140,12 +147,40 @@ def _task_result(result: np.ndarray, out: str | None) -> np.ndarray | str:
     return out
 
 
-def decode_chunk(cache: str, layer: str, start: int, stop: int, C: np.ndarray, out: str | None = None) -> np.ndarray | str:
-    """One task: ``C @ Y[:, start:stop]`` for a layer of the feature cache; saved to ``out`` if given."""
+def decode_chunk(cache: str, layer: str, start: int, stop: int, C, out: str | None = None) -> np.ndarray | str:
+    """One task: ``C @ Y[:, start:stop]`` for a layer of the feature cache; saved to ``out`` if given.
+
+    ``C`` (m, n_images), or for a penalty per unit the tuple (C (a, m, n_images) per penalty,
+    P (a, n_images, n_images) of :meth:`KernelRidgeDecoder.loo_matrices`, penalties (a,)): each unit
+    is decoded with the penalty of least leave-one-image-out error; the chosen penalties (units,)
+    are saved beside ``out`` (:func:`unit_alpha_path`) before it.
+    """
     with h5py.File(cache, "r") as f:
         Y = f[layer][:, start:stop]
-    result = C @ Y
+    if not isinstance(C, tuple):
+        return _task_result(C @ Y, out)
+    from .ridge import KernelRidgeDecoder
+
+    Cs, P, grid = C
+    best = KernelRidgeDecoder.unit_cv_errors(P, Y).argmin(0)
+    result = np.empty((Cs.shape[1], Y.shape[1]), np.float32)
+    for a in np.unique(best):
+        cols = np.flatnonzero(best == a)
+        result[:, cols] = Cs[a] @ Y[:, cols]
+    if out is not None:
+        _task_result(np.asarray(grid, np.float64)[best], unit_alpha_path(out))
     return _task_result(result, out)
+
+
+def unit_alpha_path(out: str) -> str:
+    """Where a per-unit-penalty task saves its chosen penalties."""
+    return str(out)[:-len(".npy")] + "-alpha.npy"
+
+
+def read_unit_alphas(done_dir: Path, layer: str, units: int, chunk_units: int) -> np.ndarray:
+    """The penalties (units,) chosen per unit by the finished tasks of ``layer`` in ``done_dir``."""
+    return np.concatenate([np.load(unit_alpha_path(str(Path(done_dir) / f"{layer}-{s}.npy")))
+                           for s in range(0, units, chunk_units)])
 
 
 def chunk_tasks(units: dict[str, int], chunk_units: int) -> list[tuple[str, int, int]]:
@@ -157,6 +192,7 @@ def readout_cached(cache: Path, C: dict[str, np.ndarray], units: dict[str, int],
                    executor=None, chunk_units: int = 65536, progress: Progress = None) -> dict[str, np.ndarray]:
     """``{layer: C[layer] @ Y_layer}`` from the feature cache, as independent (layer, unit chunk) tasks.
 
+    ``C[layer]`` may also be a per-unit-penalty tuple (see :func:`decode_chunk`).
     Each task's result is saved in ``done_dir``; tasks already saved there are not recomputed.
     ``executor``: an object with ``map(fn, *iterables) -> iterable`` (see
     :mod:`brainrecon.executors`); the tasks run in this process when None.
@@ -173,7 +209,8 @@ def readout_cached(cache: Path, C: dict[str, np.ndarray], units: dict[str, int],
         for i, _ in enumerate(results):
             if progress:
                 progress(len(tasks) - len(todo) + i + 1, len(tasks))
-    out = {k: np.empty((len(C[k]), u), np.float32) for k, u in units.items()}
+    rows = {k: (c[0].shape[1] if isinstance(c, tuple) else len(c)) for k, c in C.items()}
+    out = {k: np.empty((rows[k], u), np.float32) for k, u in units.items()}
     for k, s, e in tasks:
         out[k][:, s:e] = np.load(path_of[(k, s, e)])
     return out

@@ -82,8 +82,22 @@ def _analysed_r(m: dict) -> str:
     return f"{vals[0]:.3f}" if vals else ""
 
 
+def _evolution(labels: list[str], stimuli: np.ndarray, recons: dict, shown: int = 10) -> str:
+    """The first ``shown`` reconstructions from fMRI at their snapshot iterations, then final, under the stimuli."""
+    snaps = recons.get("snapshots") or {}
+    if not snaps:
+        return ""
+    k = min(shown, len(labels))
+    rows = [("stimulus", stimuli[:k])] + [(f"iter {it}", imgs[:k]) for it, imgs in sorted(snaps.items())]
+    rows.append(("final", recons["decoded"][:k]))
+    return ("<details open><summary>How the reconstructions evolve (iterations "
+            + ", ".join(str(it) for it in sorted(snaps)) + ", final)</summary>"
+            + image_grid(rows, labels[:k]) + "</details>")
+
+
 def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) -> None:
-    """``sets``: {name: (labels, stimuli (n, 3, H, W), {"decoded": images, "true": images})}."""
+    """``sets``: {name: (labels, stimuli (n, 3, H, W), {"decoded": images, "true": images,
+    "snapshots": {iteration: images}})}, the last two optional."""
     summary = ["<table><tr><th>test set</th><th>images</th><th>presentations</th>"
                "<th>pixel identification (decoded)</th><th>pixel identification (true features)</th>"
                "<th>voxel test-retest r</th></tr>"]
@@ -114,6 +128,7 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
             + (f"<div class='card'>from true features<br><span class='big'>{true:.1%}</span></div>" if true is not None else "")
             + f"<div class='card'>{m['n_images']} images x {m['n_presentations']:g} presentations</div>"
             + image_grid(rows, labels)
+            + _evolution(labels, stimuli, recons)
             + (f"<details><summary>Voxel test-retest reliability (median single-presentation r per ROI)</summary>"
                f"<table><tr><th>ROI</th><th>median r</th></tr>{rel_rows}</table></details>" if rel else ""))
 
