@@ -84,7 +84,7 @@ def main() -> None:
 ## Ridge penalty per layer or per unit (demo subject)
 
 `python bench/bench_unit_alpha.py --write` (2 cores, no GPU). The demo's simulated subject
-({len(image_index)} training samples of {len(labels)} images, {train.X.shape[1]} voxels, {DEMO['image_size']} px, 13
+({len(image_index):,} training samples of {len(labels):,} images, {train.X.shape[1]:,} voxels, {DEMO['image_size']} px, 13
 layers), decoded twice from the same cached training features. Decoding stage: **{seconds['layer']:.0f} s** with
 one penalty per layer, **{seconds['unit']:.0f} s** with one per unit (penalties within a factor 30 of the
 layer's; the leave-one-image-out matrices cost one (samples x voxels) x (voxels x images) product per
