@@ -168,6 +168,7 @@ def test_per_unit_penalties(small_subject, tmp_path):
         assert all(layer_alpha / 30 <= a <= layer_alpha * 30 for a in chosen)
     assert len(chosen) > 1                       # units differ in their best penalty
     assert not (out / "recon_snapshots").exists()
+    assert "(per unit, median " in (out / "report.html").read_text()
     m = json.loads((out / "metrics.json").read_text())["shapes"]
     assert m["feature_decoding"]["conv5_3"]["profile_correlation"] > 0.2
 

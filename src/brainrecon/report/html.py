@@ -139,8 +139,11 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
         cells = "".join(f"<td>{metrics[n]['feature_decoding'][layer]['profile_correlation']:.3f}</td>"
                         f"<td>{metrics[n]['feature_decoding'][layer]['pattern_correlation']:.3f}</td>"
                         f"<td>{metrics[n]['feature_decoding'][layer]['feature_identification']:.1%}</td>" for n in names)
-        alpha = run_info.get("alphas", {}).get(layer, {}).get("alpha")
-        layer_rows.append(f"<tr><td>{layer}</td><td>{'' if alpha is None else f'{alpha:g}'}</td>{cells}</tr>")
+        info = run_info.get("alphas", {}).get(layer, {})
+        alpha = "" if info.get("alpha") is None else f"{info['alpha']:g}"
+        if "unit_alpha_median" in info:
+            alpha += f" (per unit, median {info['unit_alpha_median']:g})"
+        layer_rows.append(f"<tr><td>{layer}</td><td>{alpha}</td>{cells}</tr>")
     head = "".join(f"<th>{html.escape(n)} profile r</th><th>{html.escape(n)} pattern r</th>"
                    f"<th>{html.escape(n)} identification</th>" for n in names)
     decoding_html = (f"<h2>Feature decoding accuracy per layer</h2><img src='{decoding_figure(metrics)}' style='width:100%'>"
