@@ -22,8 +22,8 @@ from brainrecon.evaluate.decoding import decoding_accuracy
 from brainrecon.nets import load_network
 from brainrecon.nets.features import extract_features
 from brainrecon.pipeline import Log, PipelineConfig, decode_stage, load_inputs
-from brainrecon.simulate.cortex import CortexConfig
-from brainrecon.simulate.subject import SubjectConfig, simulate_subject
+
+from _subject import bench_subject  # noqa: E402 - bench/ is the script's folder
 
 
 def peak_rss_gb() -> float:
@@ -39,12 +39,8 @@ def main() -> None:
     args = ap.parse_args()
 
     log = Log()
-    subject = args.work / "subject"
     network = load_network("hed-vgg16")
-    if not (subject / "simulation.json").exists():
-        log.stage("simulating the subject")
-        simulate_subject(subject, SubjectConfig(seed=0, n_train_images=1200, n_test_natural=50, cortex=CortexConfig(seed=0)),
-                         network, progress=lambda m: None)
+    subject = bench_subject(args.work / "subject", network, log)
     cfg = PipelineConfig(image_size=args.image_size, feature_store=args.store)
     log.stage("loading")
     t0 = time.time()

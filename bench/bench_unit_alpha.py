@@ -22,8 +22,8 @@ from brainrecon.evaluate.decoding import decoding_accuracy
 from brainrecon.nets import load_network
 from brainrecon.nets.features import extract_features
 from brainrecon.pipeline import Log, PipelineConfig, decode_stage, load_inputs
-from brainrecon.simulate.cortex import CortexConfig
-from brainrecon.simulate.subject import SubjectConfig, simulate_subject
+
+from _subject import bench_subject  # noqa: E402 - bench/ is the script's folder
 
 SCORES = ("profile_correlation", "pattern_correlation", "feature_identification")
 
@@ -35,13 +35,8 @@ def main() -> None:
     args = ap.parse_args()
 
     log = Log()
-    subject = args.work / "subject"
     network = load_network("hed-vgg16")
-    if not (subject / "simulation.json").exists():
-        log.stage("simulating the demo subject")
-        simulate_subject(subject, SubjectConfig(seed=0, n_train_images=DEMO["n_train_images"],
-                                                n_test_natural=DEMO["n_test_natural"], cortex=CortexConfig(seed=0)),
-                         network, progress=lambda m: None)
+    subject = bench_subject(args.work / "subject", network, log, DEMO["n_train_images"], DEMO["n_test_natural"])
     tests = {k: subject / f"test_{k}.h5" for k in ("natural", "shapes", "letters")}
     layers = network.layer_names
     results, seconds, alphas_of = {}, {}, {}
