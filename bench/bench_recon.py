@@ -112,14 +112,19 @@ def run_bdpy(targets: dict[str, torch.Tensor], network, start: np.ndarray, itera
     return np.stack(out).astype(np.float32), float(np.mean(secs))
 
 
-def bench_vs_bdpy(args) -> list[str]:
-    size, n, its = args.size, args.images, args.iterations
+def feature_problem(size: int, n: int):
+    """(network, layers, targets of ``n`` held-out natural images at ``size`` px, their FeatureLoss)."""
     net = load_network("hed-vgg16")
     layers = net.layer_names
     _, test = natural_images(1, n, size)
     with torch.inference_mode():
         targets = {k: v.clone() for k, v in net(torch.from_numpy(test.images), layers).items()}
-    loss = FeatureLoss(net, targets)
+    return net, layers, targets, FeatureLoss(net, targets)
+
+
+def bench_vs_bdpy(args) -> list[str]:
+    size, n, its = args.size, args.images, args.iterations
+    net, layers, targets, loss = feature_problem(size, n)
     peak = gemm_gflops()
     flops = 2 * conv_flops(net, size, layers)  # forward + backward to the input, per image-iteration
     cfg = ReconConfig(iterations=its, batch_size=n)
@@ -161,12 +166,7 @@ def bench_vs_bdpy(args) -> list[str]:
 
 def bench_priors(args) -> list[str]:
     size, n, its = 48, 16, args.prior_iterations
-    net = load_network("hed-vgg16")
-    layers = net.layer_names
-    _, test = natural_images(1, n, size)
-    with torch.inference_mode():
-        targets = {k: v.clone() for k, v in net(torch.from_numpy(test.images), layers).items()}
-    loss = FeatureLoss(net, targets)
+    net, layers, targets, loss = feature_problem(size, n)
     grey = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1).expand(n, 3, size, size) / 255
     reference = loss.evaluate(grey)   # the priors start differently: compare to the mean-colour image
     generator, note = None, ""
