@@ -211,6 +211,13 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
         mode = "disk" if cache_bytes <= config.feature_cache_gb * 1e9 else "stream"
     if mode not in ("disk", "stream"):
         raise PipelineError(f"feature_store must be auto, disk or stream, not {mode!r}")
+    if config.alpha_per not in ("layer", "unit"):
+        raise PipelineError(f"alpha_per must be layer or unit, not {config.alpha_per!r}")
+    per_unit_alpha = config.alpha_per == "unit" and config.decoder == "kernel"
+    if per_unit_alpha and mode != "disk":
+        raise PipelineError("alpha_per 'unit' needs the training features on disk, but they are streamed "
+                            f"({cache_bytes / 1e9:.1f} GB): set feature_store: disk (and feature_cache_gb) "
+                            "or use alpha_per: layer")
 
     # training features depend only on the network, input size, layers and images: shared by runs that differ otherwise
     feat_key = hashlib.sha256(json.dumps([config.network, config.image_size, layers, train_labels]).encode()).hexdigest()[:16]
@@ -270,15 +277,10 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
         stats[f"{layer}/true_sd"] = np.float32(st.channel_sd)
         stats[f"{layer}/cv_r2"] = np.float32(scores.max())
 
-    if config.alpha_per not in ("layer", "unit"):
-        raise PipelineError(f"alpha_per must be layer or unit, not {config.alpha_per!r}")
     per_unit = []
-    if config.alpha_per == "unit" and config.decoder == "kernel":
-        if mode != "disk":
-            raise PipelineError("alpha_per 'unit' needs the training features on disk, but they are streamed "
-                                f"({cache_bytes / 1e9:.1f} GB): set feature_store: disk (and feature_cache_gb) "
-                                "or use alpha_per: layer")
-        loo: dict[tuple[str, int], np.ndarray] = {}
+    if per_unit_alpha:
+        loo: dict[tuple[str, int], np.ndarray] = {}       # per (ROI, penalty): shared by the ROI's layers
+        combos: dict[tuple[str, int], np.ndarray] = {}
         for layer in layers:
             if units[layer] > config.unit_alpha_max_units:
                 log(f"  {layer}: {units[layer]:,} units > unit_alpha_max_units: one penalty for the layer")
@@ -291,9 +293,12 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
             if todo:
                 log(f"  leave-one-image-out matrices for {roi}: {len(todo)} penalties")
                 loo.update({(roi, i): P for i, P in zip(todo, decoder.loo_matrices(todo, w))})
-            Cs = np.stack([combination_weights(np.vstack([decoder.test_weights(test_X[s.name], decoder.alphas[i])
-                                                          for s in sets]), w) for i in grid])
-            C[layer] = (Cs, np.stack([loo[roi, i] for i in grid]), decoder.alphas[grid])
+            for i in grid:
+                if (roi, i) not in combos:
+                    combos[roi, i] = combination_weights(
+                        np.vstack([decoder.test_weights(test_X[s.name], decoder.alphas[i]) for s in sets]), w)
+            C[layer] = (np.stack([combos[roi, i] for i in grid]), np.stack([loo[roi, i] for i in grid]),
+                        decoder.alphas[grid])
             per_unit.append(layer)
 
     log.stage(f"decoding {sum(len(s.labels) for s in sets)} test images ({sum(units.values()):,} units)")
@@ -422,9 +427,8 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                       f"{config.recon.iterations} iterations)")
             npy = cache / f"recon_{s.name}_{kind}.npy"
             snap_file = cache / f"recon_{s.name}_{kind}_snapshots.npz"
-            recon_cfg = config.recon
-            if kind == "decoded":
-                recon_cfg = recon_cfg.model_copy(update={"snapshots": snapshot_iterations(config)})
+            recon_cfg = config.recon.model_copy(   # snapshots are kept (and shown) for the decoded features only
+                update={"snapshots": snapshot_iterations(config) if kind == "decoded" else []})
             if npy.exists():
                 images = np.load(npy)
                 snaps = {int(k): v for k, v in np.load(snap_file).items()} if snap_file.exists() else {}

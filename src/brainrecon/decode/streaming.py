@@ -177,9 +177,14 @@ def unit_alpha_path(out: str) -> str:
     return str(out)[:-len(".npy")] + "-alpha.npy"
 
 
+def task_path(done_dir: Path, layer: str, start: int) -> str:
+    """Where the finished task of ``layer``'s units from ``start`` saves its result."""
+    return str(Path(done_dir) / f"{layer}-{start}.npy")
+
+
 def read_unit_alphas(done_dir: Path, layer: str, units: int, chunk_units: int) -> np.ndarray:
     """The penalties (units,) chosen per unit by the finished tasks of ``layer`` in ``done_dir``."""
-    return np.concatenate([np.load(unit_alpha_path(str(Path(done_dir) / f"{layer}-{s}.npy")))
+    return np.concatenate([np.load(unit_alpha_path(task_path(done_dir, layer, s)))
                            for s in range(0, units, chunk_units)])
 
 
@@ -200,7 +205,7 @@ def readout_cached(cache: Path, C: dict[str, np.ndarray], units: dict[str, int],
     done_dir = Path(done_dir)
     done_dir.mkdir(parents=True, exist_ok=True)
     tasks = chunk_tasks(units, chunk_units)
-    path_of = {t: str(done_dir / f"{t[0]}-{t[1]}.npy") for t in tasks}
+    path_of = {t: task_path(done_dir, t[0], t[1]) for t in tasks}
     todo = [t for t in tasks if not Path(path_of[t]).exists()]
     if todo:
         args = ([str(cache)] * len(todo), [t[0] for t in todo], [t[1] for t in todo], [t[2] for t in todo],
@@ -244,7 +249,7 @@ def readout_selection(cache: Path, units: dict[str, int], inputs: dict[str, tupl
     done_dir = Path(done_dir)
     done_dir.mkdir(parents=True, exist_ok=True)
     tasks = chunk_tasks(units, chunk_units)
-    path_of = {t: str(done_dir / f"{t[0]}-{t[1]}.npy") for t in tasks}
+    path_of = {t: task_path(done_dir, t[0], t[1]) for t in tasks}
     todo = [t for t in tasks if not Path(path_of[t]).exists()]
     run = executor.map if executor is not None else map
     if todo:
