@@ -34,6 +34,10 @@ def test_end_to_end_tiny(small_subject, tmp_path):
         assert m["n_images"] == n and len(list((out / "recon" / name).glob("*.png"))) == n
         assert 0.0 <= m["pixel_identification"] <= 1.0
         assert set(m["feature_decoding"]) == {f"conv{b}_{i}" for b, k in enumerate([2, 2, 3, 3, 3], 1) for i in range(1, k + 1)}
+    # the reconstruction weighs units by their cross-validated decoding R^2
+    assert "weighs units by decoding reliability in 13 of 13 layers" in result.output
+    run_alphas = json.loads((out / "run.json").read_text())["alphas"]
+    assert all(0.0 < a["unit_r2_median"] < 1.0 for a in run_alphas.values())
     # even this tiny subject carries the shapes' colours: well above chance
     assert metrics["shapes"]["pixel_identification"] > 0.58
     assert metrics["shapes"]["pixel_identification_true_features"] > 0.9
@@ -167,6 +171,7 @@ def test_per_unit_penalties(small_subject, tmp_path):
         layer_alpha = alphas[layer]["alpha"]
         assert all(layer_alpha / 30 <= a <= layer_alpha * 30 for a in chosen)
     assert len(chosen) > 1                       # units differ in their best penalty
+    assert all(-1.0 < alphas[k]["unit_r2_median"] < 1.0 for k in units)
     assert not (out / "recon_snapshots").exists()
     assert "(per unit, median " in (out / "report.html").read_text()
     m = json.loads((out / "metrics.json").read_text())["shapes"]

@@ -13,6 +13,28 @@ def test_layer_weights_normalised():
     np.testing.assert_allclose(w["a"] / w["b"], 4.0)    # 1/||y||^2: ||b||^2 = 4 ||a||^2
 
 
+def test_unit_weights_in_the_feature_loss():
+    from brainrecon.recon.objective import FeatureLoss, reliability_weights
+
+    w = reliability_weights(np.array([[-0.2, 0.0], [0.3, 0.9]]))
+    np.testing.assert_allclose(w, [[0, 0], [1, 3]], rtol=1e-6)          # clipped at 0, mean 1
+    np.testing.assert_array_equal(reliability_weights(np.array([-0.1, 0.0])), [1.0, 1.0])
+    net = lambda x, layers: {"a": x[:, 0].flatten(1), "b": x[:, 1:].flatten(1)}
+    x, t = torch.rand(3, 3, 2, 2), {"a": torch.rand(3, 4), "b": torch.rand(3, 8)}
+    v = torch.tensor([0.0, 2.0, 1.0, 1.0])
+    got = FeatureLoss(net, t, unit_weights={"a": v})(x)
+    lw = layer_weights(t)
+    expected = lw["a"] * (v * (x[:, 0].flatten(1) - t["a"]) ** 2).sum(1) + \
+        lw["b"] * ((x[:, 1:].flatten(1) - t["b"]) ** 2).sum(1)
+    torch.testing.assert_close(got, expected)
+    try:
+        FeatureLoss(net, t, unit_weights={"a": torch.ones(5)})
+    except ValueError as err:
+        assert "unit weights of a" in str(err)
+    else:
+        raise AssertionError("a wrong shape must be refused")
+
+
 def test_blur_keeps_mean_and_smooths():
     x = torch.rand(1, 3, 16, 16)
     y = gaussian_blur(x, 1.5)

@@ -72,6 +72,26 @@ def test_per_unit_cv_errors_equal_brute_force(n_img, v):
         assert expected.argmin(0).tolist() == [1] * 5 + [3, 3]
 
 
+def test_unit_r2_equals_brute_force_leave_one_image_out_r2():
+    from brainrecon.pipeline import unit_r2
+
+    X, idx, Y, _ = _problem(60, 40)
+    Y = np.c_[Y * 4.0 + 10.0, np.random.default_rng(3).normal(size=len(Y)), np.full(len(Y), 2.0)]  # + noise, constant
+    dec = KernelRidgeDecoder(alphas=np.array([30.0])).fit(X, idx)
+    m, s = zscore_fit(X)
+    Xz = (X - m) / s
+    T = Y[idx] - Y[idx].mean(0)
+    sse = np.zeros(Y.shape[1])
+    for i in range(len(Y)):
+        test = idx == i
+        w = np.linalg.solve(Xz[~test].T @ Xz[~test] + 30.0 * np.eye(40), Xz[~test].T @ T[~test])
+        sse += ((T[test] - Xz[test] @ w) ** 2).sum(0)
+    expected = 1 - sse[:-1] / (T[:, :-1] ** 2).sum(0)
+    got = unit_r2(dec.unit_cv_errors(dec.loo_matrices([0]), Y)[0], Y[idx].std(0, ddof=1), len(idx))
+    np.testing.assert_allclose(got[:-1], expected, rtol=1e-3, atol=1e-4)
+    assert (got[:7] > 0.3).all() and got[7] < 0.05 and got[8] == 0.0   # carried, noise, constant
+
+
 def test_target_statistics_match_sample_statistics():
     X, idx, Y, _ = _problem(40, 30)
     dec = KernelRidgeDecoder().fit(X, idx)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from brainrecon.decode.ridge import KernelRidgeDecoder
-from brainrecon.decode.streaming import (combination_weights, read_unit_alphas, readout_cached, readout_stream,
+from brainrecon.decode.streaming import (combination_weights, read_unit_results, readout_cached, readout_stream,
                                          training_pass)
 from brainrecon.executors import make_executor
 from brainrecon.nets.vgg import VGGEncoder
@@ -77,8 +77,10 @@ def test_per_unit_penalties_decode_each_unit_with_its_best_penalty(problem, tmp_
         best = dec.unit_cv_errors(P, Y[k]).argmin(0)
         expected = np.stack([dec.predict(dec.test_weights(X_test, dec.alphas[i]), Y[k]) for i in grid])
         np.testing.assert_allclose(got[k], np.take_along_axis(expected, best[None, None], 0)[0], rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(read_unit_alphas(tmp_path / "done", k, units[k], 700), dec.alphas[best])
-    assert len(np.unique(read_unit_alphas(tmp_path / "done", "conv1_2", units["conv1_2"], 700))) > 1
+        np.testing.assert_array_equal(read_unit_results(tmp_path / "done", k, units[k], 700), dec.alphas[best])
+        np.testing.assert_allclose(read_unit_results(tmp_path / "done", k, units[k], 700, "cverror"),
+                                   dec.unit_cv_errors(P, Y[k]).min(0), rtol=1e-5)
+    assert len(np.unique(read_unit_results(tmp_path / "done", "conv1_2", units["conv1_2"], 700))) > 1
 
 
 def test_dask_local_cluster_equals_local(problem, tmp_path):

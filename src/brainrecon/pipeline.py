@@ -29,6 +29,7 @@ from .evaluate.reliability import retest_reliability
 from .nets import load_network
 from .nets.features import extract_features
 from .recon.icnn import ReconConfig, display_normalise, reconstruct
+from .recon.objective import reliability_weights
 
 
 class PipelineError(RuntimeError):
@@ -49,6 +50,8 @@ class PipelineConfig(BaseModel):
     alpha_per: str = "layer"                 # kernel ridge penalty: "layer" (CV on a unit sample) or "unit" (each unit's own)
     unit_alpha_max_units: int = 200_000      # alpha_per "unit": larger layers keep one penalty (cost 2 n_images^2 flops per unit and penalty)
     unit_alpha_span: float = 30.0            # alpha_per "unit": penalties searched within this factor of the layer's
+    unit_weighting: str = "reliability"      # reconstruction loss per unit: "reliability" (its cross-validated decoding R^2) or "none"
+    unit_weight_max_units: int = 200_000     # unit_weighting: larger layers weigh units equally (cost 2 n_images^2 flops per unit)
     selection_alpha: float = 100.0           # penalty of the voxel-selection decoder (the lab's default)
     selection_voxels: int = 500              # voxels per unit of the voxel-selection decoder (the lab's default)
     recon: ReconConfig = ReconConfig()
@@ -185,6 +188,14 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray((np.clip(image, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
 
 
+def unit_r2(cv_errors: np.ndarray, sd: np.ndarray, n_samples: int) -> np.ndarray:
+    """Cross-validated R^2 (units,) from leave-one-image-out sums of squared errors over the
+    ``n_samples`` training samples and the units' training SD (ddof=1); 0 for constant units."""
+    total = (n_samples - 1) * np.asarray(sd, np.float64) ** 2
+    r2 = 1.0 - np.asarray(cv_errors, np.float64) / np.where(total > 0, total, 1.0)
+    return np.where(total > 0, r2, 0.0).astype(np.float32)
+
+
 def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, train_labels: list[str],
                  train_images: np.ndarray, sets: list[TestSet], network, layers: list[str], config: PipelineConfig,
                  cache_root: Path, cache: Path, log: Log):
@@ -194,7 +205,7 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
     statistics {"<layer>/mean" (shape), "<layer>/sd" (units,), "<layer>/true_sd", "<layer>/cv_r2"},
     {layer: {"alpha", "cv_r2", "roi"}}).
     """
-    from .decode.streaming import (combination_weights, read_unit_alphas, readout_cached, readout_stream,
+    from .decode.streaming import (combination_weights, read_unit_results, readout_cached, readout_stream,
                                    training_pass)
     from .executors import make_executor
 
@@ -213,11 +224,18 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
         raise PipelineError(f"feature_store must be auto, disk or stream, not {mode!r}")
     if config.alpha_per not in ("layer", "unit"):
         raise PipelineError(f"alpha_per must be layer or unit, not {config.alpha_per!r}")
+    if config.unit_weighting not in ("reliability", "none"):
+        raise PipelineError(f"unit_weighting must be reliability or none, not {config.unit_weighting!r}")
     per_unit_alpha = config.alpha_per == "unit" and config.decoder == "kernel"
     if per_unit_alpha and mode != "disk":
         raise PipelineError("alpha_per 'unit' needs the training features on disk, but they are streamed "
                             f"({cache_bytes / 1e9:.1f} GB): set feature_store: disk (and feature_cache_gb) "
                             "or use alpha_per: layer")
+    unit_reliability = config.unit_weighting == "reliability"
+    if unit_reliability and (mode != "disk" or config.decoder != "kernel"):
+        log("  note: reliability weights need the kernel decoder and the training features on disk; "
+            "the reconstruction weighs every unit equally")
+        unit_reliability = False
 
     # training features depend only on the network, input size, layers and images: shared by runs that differ otherwise
     feat_key = hashlib.sha256(json.dumps([config.network, config.image_size, layers, train_labels]).encode()).hexdigest()[:16]
@@ -278,17 +296,22 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
         stats[f"{layer}/cv_r2"] = np.float32(scores.max())
 
     per_unit = []
-    if per_unit_alpha:
+    if per_unit_alpha or unit_reliability:
         loo: dict[tuple[str, int], np.ndarray] = {}       # per (ROI, penalty): shared by the ROI's layers
         combos: dict[tuple[str, int], np.ndarray] = {}
         for layer in layers:
-            if units[layer] > config.unit_alpha_max_units:
-                log(f"  {layer}: {units[layer]:,} units > unit_alpha_max_units: one penalty for the layer")
-                continue
             decoder, test_X = decoder_for(layer)
             roi, alpha = roi_for_layer(layer, config), alphas[layer]["alpha"]
-            grid = [i for i, a in enumerate(decoder.alphas)
-                    if alpha / config.unit_alpha_span <= a <= alpha * config.unit_alpha_span]
+            own_alpha = per_unit_alpha and units[layer] <= config.unit_alpha_max_units
+            if own_alpha:
+                grid = [i for i, a in enumerate(decoder.alphas)
+                        if alpha / config.unit_alpha_span <= a <= alpha * config.unit_alpha_span]
+            elif unit_reliability and units[layer] <= config.unit_weight_max_units:
+                grid = [int(np.argmin(np.abs(decoder.alphas - alpha)))]
+            else:
+                log(f"  {layer}: {units[layer]:,} units > unit_{'alpha' if per_unit_alpha else 'weight'}_max_units: "
+                    "no per-unit " + ("penalties" if per_unit_alpha else "reliability"))
+                continue
             todo = [i for i in grid if (roi, i) not in loo]
             if todo:
                 log(f"  leave-one-image-out matrices for {roi}: {len(todo)} penalties")
@@ -299,7 +322,7 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
                         np.vstack([decoder.test_weights(test_X[s.name], decoder.alphas[i]) for s in sets]), w)
             C[layer] = (np.stack([combos[roi, i] for i in grid]), np.stack([loo[roi, i] for i in grid]),
                         decoder.alphas[grid])
-            per_unit.append(layer)
+            per_unit.append((layer, own_alpha))
 
     log.stage(f"decoding {sum(len(s.labels) for s in sets)} test images ({sum(units.values()):,} units)")
     if config.decoder == "selection":
@@ -329,13 +352,20 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
                 executor.close()
     else:
         flat = readout_stream(network, train_images, C, config.batch_size, progress=progress)
-    for layer in per_unit:
-        ua = read_unit_alphas(cache / "decoded_chunks", layer, units[layer], config.chunk_units)
-        values, counts_a = np.unique(ua, return_counts=True)
-        alphas[layer].update(alpha_per="unit", unit_alpha_median=float(np.median(ua)),
-                             unit_alpha_counts={f"{v:g}": int(c) for v, c in zip(values, counts_a)})
-        stats[f"{layer}/unit_alpha"] = ua.reshape(shapes[layer])
-        log(f"  {layer}: per-unit penalties, median {np.median(ua):g} (layer {alphas[layer]['alpha']:g})")
+    n_samples = int(counts.sum())
+    for layer, own_alpha in per_unit:
+        done = cache / "decoded_chunks"
+        if own_alpha:
+            ua = read_unit_results(done, layer, units[layer], config.chunk_units, "alpha")
+            values, counts_a = np.unique(ua, return_counts=True)
+            alphas[layer].update(alpha_per="unit", unit_alpha_median=float(np.median(ua)),
+                                 unit_alpha_counts={f"{v:g}": int(c) for v, c in zip(values, counts_a)})
+            stats[f"{layer}/unit_alpha"] = ua.reshape(shapes[layer])
+            log(f"  {layer}: per-unit penalties, median {np.median(ua):g} (layer {alphas[layer]['alpha']:g})")
+        r2 = unit_r2(read_unit_results(done, layer, units[layer], config.chunk_units, "cverror"),
+                     lstats[layer].sd, n_samples)
+        alphas[layer]["unit_r2_median"] = float(np.median(r2))
+        stats[f"{layer}/unit_r2"] = r2.reshape(shapes[layer])
     decoded, row = {}, 0
     for s in sets:
         decoded[s.name] = {k: flat[k][row:row + len(s.labels)].reshape(len(s.labels), *shapes[k]) for k in layers}
@@ -415,6 +445,12 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
             generator = load_generator(config.generator or "builtin")
         except (ValueError, FileNotFoundError) as err:
             raise PipelineError(str(err)) from err
+    unit_weights = {}
+    if config.unit_weighting == "reliability":
+        unit_weights = {k: reliability_weights(stats[f"{k}/unit_r2"]) for k in recon_layers if f"{k}/unit_r2" in stats}
+        if unit_weights:
+            log(f"  reconstruction loss weighs units by decoding reliability in {len(unit_weights)} of "
+                f"{len(recon_layers)} layers")
     metrics: dict = {}
     recon_images: dict[str, dict[str, np.ndarray]] = {}
     for s in sets:
@@ -437,7 +473,8 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                 t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
                 raw, raw_snaps = reconstruct(t, network, config.image_size, recon_cfg, generator=generator,
                                              progress=lambda i, n: log(f"  {i}/{n} images"),
-                                             checkpoint=cache / f"checkpoint_{s.name}_{kind}")
+                                             checkpoint=cache / f"checkpoint_{s.name}_{kind}",
+                                             unit_weights=unit_weights)
                 images = display_normalise(raw.numpy())
                 snaps = {it: display_normalise(v.numpy()) for it, v in sorted(raw_snaps.items())}
                 np.savez(snap_file, **{str(it): v for it, v in snaps.items()})

@@ -152,8 +152,9 @@ def decode_chunk(cache: str, layer: str, start: int, stop: int, C, out: str | No
 
     ``C`` (m, n_images), or for a penalty per unit the tuple (C (a, m, n_images) per penalty,
     P (a, n_images, n_images) of :meth:`KernelRidgeDecoder.loo_matrices`, penalties (a,)): each unit
-    is decoded with the penalty of least leave-one-image-out error; the chosen penalties (units,)
-    are saved beside ``out`` (:func:`unit_alpha_path`) before it.
+    is decoded with the penalty of least leave-one-image-out error (a = 1: the layer's penalty, with
+    the errors measured). The chosen penalties and the errors (units,) are saved beside ``out``
+    (:func:`unit_result_path`) before it.
     """
     with h5py.File(cache, "r") as f:
         Y = f[layer][:, start:stop]
@@ -162,19 +163,22 @@ def decode_chunk(cache: str, layer: str, start: int, stop: int, C, out: str | No
     from .ridge import KernelRidgeDecoder
 
     Cs, P, grid = C
-    best = KernelRidgeDecoder.unit_cv_errors(P, Y).argmin(0)
+    errors = KernelRidgeDecoder.unit_cv_errors(P, Y)
+    best = errors.argmin(0)
     result = np.empty((Cs.shape[1], Y.shape[1]), np.float32)
     for a in np.unique(best):
         cols = np.flatnonzero(best == a)
         result[:, cols] = Cs[a] @ Y[:, cols]
     if out is not None:
-        _task_result(np.asarray(grid, np.float64)[best], unit_alpha_path(out))
+        _task_result(np.asarray(grid, np.float64)[best], unit_result_path(out, "alpha"))
+        _task_result(errors[best, np.arange(len(best))], unit_result_path(out, "cverror"))
     return _task_result(result, out)
 
 
-def unit_alpha_path(out: str) -> str:
-    """Where a per-unit-penalty task saves its chosen penalties."""
-    return str(out)[:-len(".npy")] + "-alpha.npy"
+def unit_result_path(out: str, kind: str) -> str:
+    """Where a per-unit task saves its per-unit ``kind``: "alpha" (chosen penalties) or "cverror"
+    (leave-one-image-out sum of squared errors over training samples)."""
+    return str(out)[:-len(".npy")] + f"-{kind}.npy"
 
 
 def task_path(done_dir: Path, layer: str, start: int) -> str:
@@ -182,9 +186,10 @@ def task_path(done_dir: Path, layer: str, start: int) -> str:
     return str(Path(done_dir) / f"{layer}-{start}.npy")
 
 
-def read_unit_alphas(done_dir: Path, layer: str, units: int, chunk_units: int) -> np.ndarray:
-    """The penalties (units,) chosen per unit by the finished tasks of ``layer`` in ``done_dir``."""
-    return np.concatenate([np.load(unit_alpha_path(task_path(done_dir, layer, s)))
+def read_unit_results(done_dir: Path, layer: str, units: int, chunk_units: int, kind: str = "alpha") -> np.ndarray:
+    """The per-unit ``kind`` (units,) of the finished per-unit tasks of ``layer`` in ``done_dir``
+    (:func:`unit_result_path`)."""
+    return np.concatenate([np.load(unit_result_path(task_path(done_dir, layer, s), kind))
                            for s in range(0, units, chunk_units)])
 
 

@@ -30,14 +30,19 @@ def _update(h, t: torch.Tensor) -> None:
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def fingerprint(cfg: ReconConfig, size: int, modules: list[torch.nn.Module]) -> str:
-    """Digest of the settings (not ``device`` or ``checkpoint_every``), size and module tensors (weights, buffers)."""
+def fingerprint(cfg: ReconConfig, size: int, modules: list[torch.nn.Module],
+                tensors: dict[str, torch.Tensor] | None = None) -> str:
+    """Digest of the settings (not ``device`` or ``checkpoint_every``), size, module tensors (weights,
+    buffers) and other named tensors of the problem (e.g. the loss's unit weights)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(cfg.model_dump_json(exclude={"device", "checkpoint_every"}).encode())
     h.update(str(size).encode())
     for m in modules:
         for v in list(m.parameters()) + list(m.buffers()):
             _update(h, v)
+    for k, v in sorted((tensors or {}).items()):
+        h.update(k.encode())
+        _update(h, v)
     return h.hexdigest()
 
 

@@ -53,10 +53,10 @@ def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def make_prior(targets: dict[str, torch.Tensor], network, size: int, cfg: ReconConfig, seed: int,
-               generator: nn.Module | None = None) -> Prior:
+               generator: nn.Module | None = None, unit_weights: dict[str, torch.Tensor] | None = None) -> Prior:
     """The prior of ``cfg.prior`` for one batch: targets {layer: (n, ...)} and modules already on ``cfg.device``."""
     device = _device(cfg.device)
-    loss = FeatureLoss(network, targets, cfg.layer_scale)
+    loss = FeatureLoss(network, targets, cfg.layer_scale, unit_weights)
     streams = Streams(seed, device)
     if cfg.prior == "generator":
         return LatentGD(loss, size, cfg, streams, device, generator)
@@ -97,11 +97,13 @@ def _run_batch(prior: Prior, cfg: ReconConfig, path, key) -> tuple[torch.Tensor,
 
 def reconstruct(targets: dict[str, torch.Tensor], network, size: int, config: ReconConfig | None = None,
                 progress: Callable[[int, int], None] | None = None, generator: nn.Module | None = None,
-                checkpoint: str | os.PathLike | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                checkpoint: str | os.PathLike | None = None,
+                unit_weights: dict[str, torch.Tensor | np.ndarray] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Reconstruct images (n, 3, size, size) in [0, 1] whose features match ``targets`` {layer: (n, ...)}.
 
     ``network(images (n, 3, H, W) in [0, 1], layers) -> {layer: (n, ...)}``; its parameters are frozen.
     ``generator``: the image generator module, needed by ``prior="generator"`` (else unused).
+    ``unit_weights``: {layer: (...) a weight per unit} for the loss (:class:`~.objective.FeatureLoss`).
     ``progress(done, n)`` is called after each batch with the number of images done.
     ``checkpoint``: a folder or a path prefix; each batch's state is saved there every
     ``checkpoint_every`` iterations and when it finishes, and a rerun resumes from it (same result
@@ -122,7 +124,8 @@ def reconstruct(targets: dict[str, torch.Tensor], network, size: int, config: Re
         generator.requires_grad_(False)
         generator = _on_device(generator, device).eval()
         modules.append(generator)
-    base = ckpt.fingerprint(cfg, size, modules) if checkpoint is not None else ""
+    weights = {k: torch.as_tensor(v).float().to(device) for k, v in (unit_weights or {}).items()}
+    base = ckpt.fingerprint(cfg, size, modules, weights) if checkpoint is not None else ""
     n = next(iter(targets.values())).shape[0]
     out, snaps = [], {}
     step = -(-n // -(-n // cfg.batch_size))  # equal batches of at most batch_size images
@@ -132,7 +135,7 @@ def reconstruct(targets: dict[str, torch.Tensor], network, size: int, config: Re
         if checkpoint is not None:
             path, key = ckpt.batch_path(checkpoint, b), ckpt.batch_key(base, b, batch)
         batch = {k: v.to(device) for k, v in batch.items()}
-        prior = make_prior(batch, network, size, cfg, cfg.seed * 100003 + b, generator)
+        prior = make_prior(batch, network, size, cfg, cfg.seed * 100003 + b, generator, weights)
         images, snap = _run_batch(prior, cfg, path, key)
         out.append(images)
         for k, v in snap.items():
