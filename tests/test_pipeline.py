@@ -59,6 +59,12 @@ def test_end_to_end_tiny(small_subject, tmp_path):
     assert (out / "report.html").read_text().count(evolving) == 3
     assert json.loads((out / "metrics.json").read_text())["shapes"]["pixel_identification"] == \
         metrics["shapes"]["pixel_identification"]
+    # equal unit weights: a reconstruction setting, the decoded features are reused
+    equal = runner.invoke(app, _run_args(subject, out, "--unit-weighting", "none", "--no-true-features",
+                                         "--snapshots", "none"))
+    assert equal.exit_code == 0, equal.output
+    assert "reused decoded features" in equal.output and "weighs units" not in equal.output
+    assert not np.array_equal(final, np.asarray(Image.open(out / "recon" / "shapes" / f"{label}.png"), float))
     # other reconstruction settings keep the training-feature cache
     other = runner.invoke(app, _run_args(subject, out, tests=("letters",)) + ["--iterations", "3"])
     assert other.exit_code == 0, other.output

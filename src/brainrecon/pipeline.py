@@ -10,6 +10,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import h5py
@@ -50,8 +51,8 @@ class PipelineConfig(BaseModel):
     alpha_per: str = "layer"                 # kernel ridge penalty: "layer" (CV on a unit sample) or "unit" (each unit's own)
     unit_alpha_max_units: int = 200_000      # alpha_per "unit": larger layers keep one penalty (cost 2 n_images^2 flops per unit and penalty)
     unit_alpha_span: float = 30.0            # alpha_per "unit": penalties searched within this factor of the layer's
-    unit_weighting: str = "reliability"      # reconstruction loss per unit: "reliability" (its cross-validated decoding R^2) or "none"
-    unit_weight_max_units: int = 200_000     # unit_weighting: larger layers weigh units equally (cost 2 n_images^2 flops per unit)
+    unit_weighting: Literal["reliability", "none"] = "reliability"  # reconstruction loss per unit: its cross-validated decoding R^2, or equal
+    unit_weight_max_units: int = 200_000     # per-unit R^2 for layers up to this size (cost 2 n_images^2 flops per unit); larger: equal weights
     selection_alpha: float = 100.0           # penalty of the voxel-selection decoder (the lab's default)
     selection_voxels: int = 500              # voxels per unit of the voxel-selection decoder (the lab's default)
     recon: ReconConfig = ReconConfig()
@@ -74,7 +75,7 @@ class PipelineConfig(BaseModel):
         """
         exclude = {"executor", "executor_options", "batch_size", "chunk_units", "feature_store", "feature_cache_gb"}
         if decoding_only:
-            exclude |= {"recon", "recon_layers", "rescale", "true_feature_recon", "snapshots"}
+            exclude |= {"recon", "recon_layers", "rescale", "true_feature_recon", "snapshots", "unit_weighting"}
         ident = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, inputs) if p.exists()]
         text = self.model_dump_json(exclude=exclude) + json.dumps(ident)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -224,18 +225,16 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
         raise PipelineError(f"feature_store must be auto, disk or stream, not {mode!r}")
     if config.alpha_per not in ("layer", "unit"):
         raise PipelineError(f"alpha_per must be layer or unit, not {config.alpha_per!r}")
-    if config.unit_weighting not in ("reliability", "none"):
-        raise PipelineError(f"unit_weighting must be reliability or none, not {config.unit_weighting!r}")
     per_unit_alpha = config.alpha_per == "unit" and config.decoder == "kernel"
     if per_unit_alpha and mode != "disk":
         raise PipelineError("alpha_per 'unit' needs the training features on disk, but they are streamed "
                             f"({cache_bytes / 1e9:.1f} GB): set feature_store: disk (and feature_cache_gb) "
                             "or use alpha_per: layer")
-    unit_reliability = config.unit_weighting == "reliability"
-    if unit_reliability and (mode != "disk" or config.decoder != "kernel"):
+    # each unit's cross-validated R^2 (shown in the report; weighs the units of the reconstruction loss)
+    unit_reliability = mode == "disk" and config.decoder == "kernel"
+    if not unit_reliability and config.unit_weighting == "reliability":
         log("  note: reliability weights need the kernel decoder and the training features on disk; "
             "the reconstruction weighs every unit equally")
-        unit_reliability = False
 
     # training features depend only on the network, input size, layers and images: shared by runs that differ otherwise
     feat_key = hashlib.sha256(json.dumps([config.network, config.image_size, layers, train_labels]).encode()).hexdigest()[:16]

@@ -143,11 +143,14 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
         alpha = "" if info.get("alpha") is None else f"{info['alpha']:g}"
         if "unit_alpha_median" in info:
             alpha += f" (per unit, median {info['unit_alpha_median']:g})"
-        layer_rows.append(f"<tr><td>{layer}</td><td>{alpha}</td>{cells}</tr>")
+        r2 = "" if info.get("unit_r2_median") is None else f"{info['unit_r2_median']:.3f}"
+        layer_rows.append(f"<tr><td>{layer}</td><td>{alpha}</td><td>{r2}</td>{cells}</tr>")
     head = "".join(f"<th>{html.escape(n)} profile r</th><th>{html.escape(n)} pattern r</th>"
                    f"<th>{html.escape(n)} identification</th>" for n in names)
     decoding_html = (f"<h2>Feature decoding accuracy per layer</h2><img src='{decoding_figure(metrics)}' style='width:100%'>"
-                     f"<details><summary>Table</summary><table><tr><th>layer</th><th>ridge alpha</th>{head}</tr>"
+                     f"<details><summary>Table</summary><table><tr><th>layer</th><th>ridge alpha</th>"
+                     f"<th title='median over units of the leave-one-image-out R^2 on the training data; "
+                     f"the reconstruction weighs units by it'>unit CV R&sup2; (median)</th>{head}</tr>"
                      f"{''.join(layer_rows)}</table></details>") if metrics else ""
 
     times = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in run_info.get("stage_seconds", {}).items())
