@@ -10,8 +10,8 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import h5py
 import numpy as np
@@ -203,8 +203,9 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
     """Fit the decoders and decode every test set.
 
     Returns (decoded {set: {layer: (n, *shape)}}, empty decoding-score dicts per set,
-    statistics {"<layer>/mean" (shape), "<layer>/sd" (units,), "<layer>/true_sd", "<layer>/cv_r2"},
-    {layer: {"alpha", "cv_r2", "roi"}}).
+    statistics {"<layer>/mean" (shape), "<layer>/sd" (units,), "<layer>/true_sd", "<layer>/cv_r2", and with the
+    feature cache on disk "<layer>/unit_r2" (shape): each unit's leave-one-image-out R^2},
+    {layer: {"alpha", "cv_r2", "roi", "unit_r2_median"}}).
     """
     from .decode.streaming import (combination_weights, read_unit_results, readout_cached, readout_stream,
                                    training_pass)
