@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from brainrecon.decode.ridge import KernelRidgeDecoder, zscore_fit
+from brainrecon.decode.ridge import KernelRidgeDecoder, unit_r2, zscore_fit
 from brainrecon.decode.rescale import channel_sd, rescale_decoded
 
 
@@ -73,8 +73,6 @@ def test_per_unit_cv_errors_equal_brute_force(n_img, v):
 
 
 def test_unit_r2_equals_brute_force_leave_one_image_out_r2():
-    from brainrecon.pipeline import unit_r2
-
     X, idx, Y, _ = _problem(60, 40)
     Y = np.c_[Y * 4.0 + 10.0, np.random.default_rng(3).normal(size=len(Y)), np.full(len(Y), 2.0)]  # + noise, constant
     dec = KernelRidgeDecoder(alphas=np.array([30.0])).fit(X, idx)

@@ -23,7 +23,7 @@ from . import __version__
 from .data.bdata import FmriData, read_fmri, roi_keys
 from .data.stimuli import load_stimulus_set
 from .decode.rescale import channel_sd, rescale_decoded
-from .decode.ridge import DEFAULT_ALPHAS, KernelRidgeDecoder
+from .decode.ridge import DEFAULT_ALPHAS, KernelRidgeDecoder, unit_r2
 from .evaluate.decoding import decoding_accuracy
 from .evaluate.identification import pairwise_identification
 from .evaluate.reliability import retest_reliability
@@ -187,14 +187,6 @@ def reliability_by_roi(path: Path, fmri: FmriData) -> dict[str, float]:
 def _save_png(image: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((np.clip(image, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
-
-
-def unit_r2(cv_errors: np.ndarray, sd: np.ndarray, n_samples: int) -> np.ndarray:
-    """Cross-validated R^2 (units,) from leave-one-image-out sums of squared errors over the
-    ``n_samples`` training samples and the units' training SD (ddof=1); 0 for constant units."""
-    total = (n_samples - 1) * np.asarray(sd, np.float64) ** 2
-    r2 = 1.0 - np.asarray(cv_errors, np.float64) / np.where(total > 0, total, 1.0)
-    return np.where(total > 0, r2, 0.0).astype(np.float32)
 
 
 def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, train_labels: list[str],

@@ -39,6 +39,14 @@ def kernel_eigen(Xz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return U[:, keep], w[keep]
 
 
+def unit_r2(cv_errors: np.ndarray, sd: np.ndarray, n_samples: int) -> np.ndarray:
+    """Cross-validated R^2 (units,) from leave-one-image-out sums of squared errors over the
+    ``n_samples`` training samples and the units' training SD (ddof=1); 0 for constant units."""
+    total = (n_samples - 1) * np.asarray(sd, np.float64) ** 2
+    r2 = 1.0 - np.asarray(cv_errors, np.float64) / np.where(total > 0, total, 1.0)
+    return np.where(total > 0, r2, 0.0).astype(np.float32)
+
+
 class KernelRidgeDecoder:
     """Ridge regression in kernel form shared by all units, one penalty per target group (layer).
 

@@ -57,7 +57,7 @@ class FeatureLoss:
     def _error(self, k: str, feats: torch.Tensor) -> torch.Tensor:
         sq = (feats - self.targets[k]).pow(2)
         if k in self.unit_weights:
-            sq = sq * self.unit_weights[k]
+            sq.mul_(self.unit_weights[k])      # in place: pow's backward needs its input, not this buffer
         return sq.flatten(1).sum(1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
