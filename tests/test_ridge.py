@@ -72,6 +72,72 @@ def test_per_unit_cv_errors_equal_brute_force(n_img, v):
         assert expected.argmin(0).tolist() == [1] * 5 + [3, 3]
 
 
+def test_averaged_cv_equals_brute_force_decomposition():
+    """Scores for R-presentation averages: mean residual^2 + (1/R - 1/m) x trial variance, from refits."""
+    X, idx, Y, _ = _problem(40, 30)
+    idx = np.r_[idx, 40]                                   # one more image, shown once
+    rng = np.random.default_rng(7)
+    Y = np.r_[Y, rng.normal(size=(1, Y.shape[1]))]
+    X = np.r_[X, rng.normal(size=(1, X.shape[1]))]
+    dec = KernelRidgeDecoder(alphas=np.array([3.0, 300.0])).fit(X, idx)
+    m, s = zscore_fit(X)
+    Xz = (X - m) / s
+    T = Y[idx]
+    Tn = (T - T.mean(0)) / T.std(0)
+    Rs = [None, 1, 4, 1e9]
+    expected = np.zeros((len(Rs), 2))
+    for a, alpha in enumerate(dec.alphas):
+        sse, mean_sq, trial, n_rep = 0.0, [], [], 0
+        for i in range(len(Y)):
+            test = idx == i
+            w = np.linalg.solve(Xz[~test].T @ Xz[~test] + alpha * np.eye(30), Xz[~test].T @ Tn[~test])
+            r = Tn[test] - Xz[test] @ w                                          # (m, k)
+            sse = sse + (r ** 2).sum(0)
+            mean_sq.append((r.mean(0) ** 2, len(r), r.var(0, ddof=1) if len(r) > 1 else None))
+        w_bar = np.mean([t for _, m_, t in mean_sq if t is not None], axis=0)  # images shown once borrow it
+        for j, R in enumerate(Rs):
+            if R is None:
+                expected[j, a] = np.mean(1 - sse / len(T))
+                continue
+            err = sum(ms + (1 / R - 1 / m_) * (t if t is not None else w_bar) for ms, m_, t in mean_sq)
+            expected[j, a] = np.mean(1 - err / len(Y))
+    np.testing.assert_allclose(dec.cv_scores_averaged(Y, Rs), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dec.cv_scores(Y, 4), expected[2], rtol=1e-4, atol=1e-5)
+
+
+def test_averaged_cv_predicts_the_error_on_averaged_inputs():
+    """The R-presentation score is the expected R^2 of a prediction from R fresh averaged presentations
+    (computed exactly from the known noise), and its best penalty falls as R grows."""
+    rng = np.random.default_rng(1)
+    n_img, reps, v, k, sigma = 150, 4, 60, 40, 4.0
+    idx = np.repeat(np.arange(n_img), reps)
+    Y = rng.normal(size=(n_img, k))
+    S = Y @ rng.normal(size=(k, v)) * 0.5 + rng.normal(size=(n_img, v))   # noise-free voxel signals
+    X = S[idx] + sigma * rng.normal(size=(len(idx), v))
+    alphas = np.logspace(0, 5, 11)
+    dec = KernelRidgeDecoder(alphas=alphas).fit(X, idx)
+    m, s = zscore_fit(X)
+    Xz = (X - m) / s
+    T = Y[idx]
+    Tn = (T - T.mean(0)) / T.std(0)
+    Yn = (Y - T.mean(0)) / T.std(0)
+    for R in (1, 16):
+        truth = []
+        for alpha in alphas:   # E||y - x_bar w||^2 = ||y - s w||^2 + sigma^2 / R ||w / sd||^2 (noise independent of w)
+            err = 0.0
+            for i in range(n_img):
+                test = idx == i
+                w = np.linalg.solve(Xz[~test].T @ Xz[~test] + alpha * np.eye(v), Xz[~test].T @ Tn[~test])
+                err = err + (Yn[i] - ((S[i] - m) / s) @ w) ** 2 + sigma ** 2 / R * ((w / s[:, None]) ** 2).sum(0)
+            truth.append(np.mean(1 - err / n_img))
+        got = dec.cv_scores(Y, R)
+        np.testing.assert_allclose(got, truth, atol=0.015)
+        assert abs(int(np.argmax(got)) - int(np.argmax(truth))) <= 1
+        if R == 1:
+            best_single = alphas[int(np.argmax(got))]
+    assert alphas[int(np.argmax(dec.cv_scores(Y, 16)))] < best_single
+
+
 def test_unit_r2_equals_brute_force_leave_one_image_out_r2():
     X, idx, Y, _ = _problem(60, 40)
     Y = np.c_[Y * 4.0 + 10.0, np.random.default_rng(3).normal(size=len(Y)), np.full(len(Y), 2.0)]  # + noise, constant

@@ -49,6 +49,7 @@ class PipelineConfig(BaseModel):
     alpha_sample_units: int = 256            # units per layer used to choose its penalty
     decoder: str = "kernel"                  # "kernel": all-voxel kernel ridge, penalty by CV; "selection": FastL2LiR
     alpha_per: str = "layer"                 # kernel ridge penalty: "layer" (CV on a unit sample) or "unit" (each unit's own)
+    alpha_cv: Literal["averaged", "single"] = "averaged"  # layer penalty scored for each test set's trial-averaged inputs, or single trials
     unit_alpha_max_units: int = 200_000      # alpha_per "unit": larger layers keep one penalty (cost 2 n_images^2 flops per unit and penalty)
     unit_alpha_span: float = 30.0            # alpha_per "unit": penalties searched within this factor of the layer's
     unit_weighting: Literal["reliability", "none"] = "reliability"  # reconstruction loss per unit: its cross-validated decoding R^2, or equal
@@ -273,15 +274,34 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
 
     w = counts / counts.sum()
     C, alphas, stats = {}, {}, {}
+    # score penalties for inputs averaged as each test set's are (kernel decoder, one penalty per layer)
+    averaged = sorted({s.n_presentations for s in sets}) if config.alpha_cv == "averaged" and not per_unit_alpha else []
+    if config.alpha_cv == "averaged" and per_unit_alpha:
+        log("  note: per-unit penalties are chosen for single presentations (alpha_cv applies to alpha_per: layer)")
+    elif config.alpha_cv == "averaged" and counts.max() < 2:
+        log("  note: no training image is shown twice, so the trial noise cannot be measured; "
+            "penalties are chosen for single presentations")
     for layer in layers:
         decoder, test_X = decoder_for(layer)
         st = lstats[layer]
-        alpha, scores = decoder.choose_alpha(st.sample)
+        # single presentations (the per-unit statistics use this penalty), then each test set's averaging
+        table = decoder.cv_scores_averaged(st.sample, [None] + averaged)
+        scores = table[0]
+        alpha = float(decoder.alphas[int(np.argmax(scores))])
+        test_alpha = {s.name: alpha for s in sets}
         alphas[layer] = {"alpha": alpha, "cv_r2": float(scores.max()), "roi": roi_for_layer(layer, config)}
-        if alpha in (config.alphas[0], config.alphas[-1]):
-            log(f"  warning: {layer} penalty {alpha:g} is at the edge of the search grid")
-        log(f"  {layer}: alpha {alpha:g} (CV R2 {scores.max():.3f})")
-        C[layer] = combination_weights(np.vstack([decoder.test_weights(test_X[s.name], alpha) for s in sets]), w)
+        if averaged:
+            rows = {r: table[1 + i] for i, r in enumerate(averaged)}
+            test_alpha = {s.name: float(decoder.alphas[int(np.argmax(rows[s.n_presentations]))]) for s in sets}
+            alphas[layer]["test_alpha"] = test_alpha
+            alphas[layer]["test_cv_r2"] = {s.name: float(rows[s.n_presentations].max()) for s in sets}
+        for a in {alpha, *test_alpha.values()}:
+            if a in (config.alphas[0], config.alphas[-1]):
+                log(f"  warning: {layer} penalty {a:g} is at the edge of the search grid")
+        log(f"  {layer}: alpha {alpha:g} (CV R2 {scores.max():.3f})" + ("; averaged test trials: " + ", ".join(
+            f"{n} {a:g}" for n, a in test_alpha.items()) if averaged else ""))
+        C[layer] = combination_weights(np.vstack([decoder.test_weights(test_X[s.name], test_alpha[s.name])
+                                                  for s in sets]), w)
         stats[f"{layer}/mean"] = st.mean.reshape(shapes[layer])
         stats[f"{layer}/sd"] = st.sd
         stats[f"{layer}/true_sd"] = np.float32(st.channel_sd)
@@ -299,7 +319,14 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
                 grid = [i for i, a in enumerate(decoder.alphas)
                         if alpha / config.unit_alpha_span <= a <= alpha * config.unit_alpha_span]
             elif unit_reliability and units[layer] <= config.unit_weight_max_units:
-                grid = [int(np.argmin(np.abs(decoder.alphas - alpha)))]
+                # the units' R^2 at the single-presentation penalty; decoding keeps each test set's penalty
+                i = int(np.argmin(np.abs(decoder.alphas - alpha)))
+                if (roi, i) not in loo:
+                    log(f"  leave-one-image-out matrices for {roi}: 1 penalty")
+                    loo[roi, i] = decoder.loo_matrices([i], w)[0]
+                C[layer] = (C[layer][None], loo[roi, i][None], decoder.alphas[[i]])
+                per_unit.append((layer, False))
+                continue
             else:
                 log(f"  {layer}: {units[layer]:,} units > unit_{'alpha' if per_unit_alpha else 'weight'}_max_units: "
                     "no per-unit " + ("penalties" if per_unit_alpha else "reliability"))

@@ -6,9 +6,11 @@ No (n_voxels, n_units) weight matrix is ever formed; units are processed in chun
 
 The ridge penalty is chosen per layer by leave-one-group-out cross-validation from a single SVD of
 the training voxels, grouping the repeated presentations of an image (leaving out one presentation
-while keeping the others would leak the image and favour too small a penalty); or per unit, from
+while keeping the others would leak the image and favour too small a penalty), or per unit, from
 one (n_images, n_images) matrix per penalty that gives every unit's leave-one-image-out error as a
-quadratic form of its targets (:meth:`KernelRidgeDecoder.loo_matrices`).
+quadratic form of its targets (:meth:`KernelRidgeDecoder.loo_matrices`). The per-layer error can be
+scored for inputs averaged over R presentations, as test data are (:meth:`cv_scores_averaged`):
+averaging removes trial noise, so the best penalty for them is smaller than for single trials.
 """
 from __future__ import annotations
 
@@ -97,24 +99,61 @@ class KernelRidgeDecoder:
                 self.blocks_[m] = (idx, out)
         return self.blocks_
 
-    def cv_scores(self, Y_images: np.ndarray) -> np.ndarray:
-        """Leave-one-image-out R^2 (averaged over units) for each alpha; Y_images (n_images, k)."""
+    def cv_scores(self, Y_images: np.ndarray, n_average: float | None = None) -> np.ndarray:
+        """Leave-one-image-out R^2 (averaged over units) for each alpha; Y_images (n_images, k).
+
+        ``n_average`` None: each held-out presentation is predicted on its own (the error is summed
+        over training samples). A number R: the expected error when the held-out image's input is
+        the average of R presentations, as test data are (:meth:`cv_scores_averaged`).
+        """
+        return self.cv_scores_averaged(Y_images, [n_average])[0]
+
+    def cv_scores_averaged(self, Y_images: np.ndarray, n_averages: list[float | None]) -> np.ndarray:
+        """Leave-one-image-out R^2 (len(n_averages), n_alphas) for inputs averaged over R presentations.
+
+        With residuals r_j (one per held-out presentation j = 1..m of image i) of the z-scored
+        targets, the mean residual r_bar = mean_j r_j and the unbiased trial variance
+        w = sum_j ||r_j - r_bar||^2 / (m - 1), the expected squared error of a prediction from the
+        average of R fresh presentations is ||r_bar||^2 + (1/R - 1/m) w (presentations carry
+        independent noise). R = 1 is the single-presentation error, large R the noise-free one.
+        Images shown once borrow the mean w of the others; if no image is shown twice, every R
+        gives the single-presentation score. Images count equally; R^2 = 1 - error / (n_images var).
+        ``None`` in ``n_averages``: the single-presentation error summed over samples (images
+        weighted by their presentations).
+        """
         Y = self._expand(np.asarray(Y_images, dtype=np.float32))
         Y = Y - Y.mean(0)
         Y /= np.maximum(Y.std(0), 1e-12)
         U = self.U_.astype(np.float32)
         UtY = U.T @ Y
         blocks = self._group_blocks()
-        scores = []
+        n_img = self.n_images_
+        scores = np.empty((len(n_averages), len(self.alphas)))
         for a, alpha in enumerate(self.alphas):
             d = (1.0 / (self.eig_ + alpha) - 1.0 / alpha).astype(np.float32)
             GY = Y / np.float32(alpha) + U @ (d[:, None] * UtY)                   # G @ Y
-            sse = 0.0
-            for idx, blk in blocks.values():
+            sse, mean_sq, trial, n_trial = 0.0, 0.0, 0.0, 0
+            mean_sq_single = 0.0                                                  # images shown once
+            for m, (idx, blk) in blocks.items():
                 resid = np.linalg.solve(blk[a], GY[idx].astype(np.float64))        # (n_groups, m, k)
                 sse += (resid ** 2).sum(axis=(0, 1))
-            scores.append(float(np.mean(1.0 - sse / len(Y))))
-        return np.array(scores)
+                if m == 1:
+                    mean_sq_single += (resid[:, 0] ** 2).sum(0)
+                    continue
+                r_bar = resid.mean(1)
+                w = ((resid - r_bar[:, None]) ** 2).sum(1) / (m - 1)              # (n_groups, k)
+                mean_sq += (r_bar ** 2 - w / m).sum(0)                             # the noise-free part
+                trial += w.sum(0)
+                n_trial += len(idx)
+            n_single = n_img - n_trial
+            for j, R in enumerate(n_averages):
+                if R is None or n_trial == 0:
+                    scores[j, a] = np.mean(1.0 - sse / len(Y))
+                    continue
+                w_mean = trial / n_trial
+                err = mean_sq + trial / R + (mean_sq_single - n_single * w_mean) + n_single * w_mean / R
+                scores[j, a] = np.mean(1.0 - err / n_img)
+        return scores
 
     def loo_matrices(self, alpha_indices: list[int], image_weights: np.ndarray | None = None) -> np.ndarray:
         """P (a, n_images, n_images): per-unit leave-one-image-out errors as quadratic forms.
@@ -157,9 +196,10 @@ class KernelRidgeDecoder:
             out[:, s:s + chunk] = np.einsum("amk,mk->ak", (flat @ Y).reshape(a, m, -1), Y)
         return out
 
-    def choose_alpha(self, Y_images: np.ndarray) -> tuple[float, np.ndarray]:
-        """Best alpha and the CV score per alpha, from targets (n_images, k) (a sample of units)."""
-        scores = self.cv_scores(Y_images)
+    def choose_alpha(self, Y_images: np.ndarray, n_average: float | None = None) -> tuple[float, np.ndarray]:
+        """Best alpha and the CV score per alpha, from targets (n_images, k) (a sample of units);
+        ``n_average``: as for :meth:`cv_scores`."""
+        scores = self.cv_scores(Y_images, n_average)
         return float(self.alphas[int(np.argmax(scores))]), scores
 
     def test_weights(self, X_test: np.ndarray, alpha: float) -> np.ndarray:

@@ -141,6 +141,10 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
                         f"<td>{metrics[n]['feature_decoding'][layer]['feature_identification']:.1%}</td>" for n in names)
         info = run_info.get("alphas", {}).get(layer, {})
         alpha = "" if info.get("alpha") is None else f"{info['alpha']:g}"
+        if "test_alpha" in info:   # chosen for each test set's trial-averaged inputs (the single-trial one in brackets)
+            used = info["test_alpha"]
+            alpha = (f"{next(iter(used.values())):g}" if len(set(used.values())) == 1 else
+                     ", ".join(f"{html.escape(n)} {a:g}" for n, a in used.items())) + f" (single trials {info['alpha']:g})"
         if "unit_alpha_median" in info:
             alpha += f" (per unit, median {info['unit_alpha_median']:g})"
         r2 = "" if info.get("unit_r2_median") is None else f"{info['unit_r2_median']:.3f}"
@@ -148,7 +152,7 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
     head = "".join(f"<th>{html.escape(n)} profile r</th><th>{html.escape(n)} pattern r</th>"
                    f"<th>{html.escape(n)} identification</th>" for n in names)
     decoding_html = (f"<h2>Feature decoding accuracy per layer</h2><img src='{decoding_figure(metrics)}' style='width:100%'>"
-                     f"<details><summary>Table</summary><table><tr><th>layer</th><th>ridge alpha</th>"
+                     f"<details><summary>Table</summary><table><tr><th>layer</th><th title='penalty used to decode each test set, cross-validated for its trial-averaged inputs'>ridge alpha</th>"
                      f"<th title='median over units of the leave-one-image-out R^2 on the training data; "
                      f"the reconstruction weighs units by it'>unit CV R&sup2; (median)</th>{head}</tr>"
                      f"{''.join(layer_rows)}</table></details>") if metrics else ""
