@@ -38,6 +38,12 @@ def test_end_to_end_tiny(small_subject, tmp_path):
     assert "weighs units by decoding reliability in 13 of 13 layers" in result.output
     run_alphas = json.loads((out / "run.json").read_text())["alphas"]
     assert all(0.0 < a["unit_r2_median"] < 1.0 for a in run_alphas.values())
+    # each test set's penalty is cross-validated for its trial-averaged inputs: never above the single-trial one
+    for a in run_alphas.values():
+        assert set(a["test_alpha"]) == {"natural", "shapes", "letters"}
+        assert all(t <= a["alpha"] for t in a["test_alpha"].values())
+        assert all(r > a["cv_r2"] for r in a["test_cv_r2"].values())   # averaged inputs are predicted better
+    assert any(t < a["alpha"] for a in run_alphas.values() for t in a["test_alpha"].values())
     # even this tiny subject carries the shapes' colours: well above chance
     assert metrics["shapes"]["pixel_identification"] > 0.58
     assert metrics["shapes"]["pixel_identification_true_features"] > 0.9
@@ -169,11 +175,12 @@ def test_per_unit_penalties(small_subject, tmp_path):
                            ["--iterations", "3", "--no-true-features", "--layers", "conv2_1,conv5_3",
                             "--alpha-per", "unit", "--snapshots", "none"])
     assert result.exit_code == 0, result.output
+    assert "per-unit penalties are chosen for single presentations" in " ".join(result.output.split())
     alphas = json.loads((out / "run.json").read_text())["alphas"]
     units = {"conv2_1": 128 * 16 * 16, "conv5_3": 512 * 2 * 2}
     for layer, n in units.items():
         chosen = {float(a): c for a, c in alphas[layer]["unit_alpha_counts"].items()}
-        assert sum(chosen.values()) == n and alphas[layer]["alpha_per"] == "unit"
+        assert sum(chosen.values()) == n and alphas[layer]["alpha_per"] == "unit" and "test_alpha" not in alphas[layer]
         layer_alpha = alphas[layer]["alpha"]
         assert all(layer_alpha / 30 <= a <= layer_alpha * 30 for a in chosen)
     assert len(chosen) > 1                       # units differ in their best penalty
