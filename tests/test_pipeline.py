@@ -50,6 +50,7 @@ def test_end_to_end_tiny(small_subject, tmp_path):
     assert metrics["shapes"]["feature_decoding"]["conv3_1"]["feature_identification"] > 0.7
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") > 2 * (6 + 40 + 10) and "test-retest" in html
+    assert "(single trials " in html                       # the layer table shows the penalties used
     # snapshots: the images at 0, 5, 12.5, 25 and 50% of the iterations, saved and in the report
     label = sorted((out / "recon" / "shapes").glob("*.png"))[0].stem
     snaps = sorted((out / "recon_snapshots" / "shapes" / label).glob("*.png"))
