@@ -284,17 +284,16 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
     for layer in layers:
         decoder, test_X = decoder_for(layer)
         st = lstats[layer]
-        # single presentations (the per-unit statistics use this penalty), then each test set's averaging
-        table = decoder.cv_scores_averaged(st.sample, [None] + averaged)
-        scores = table[0]
+        # single presentations (None: the per-unit statistics use this penalty), then each test set's averaging
+        table = dict(zip([None] + averaged, decoder.cv_scores_averaged(st.sample, [None] + averaged)))
+        scores = table[None]
         alpha = float(decoder.alphas[int(np.argmax(scores))])
-        test_alpha = {s.name: alpha for s in sets}
         alphas[layer] = {"alpha": alpha, "cv_r2": float(scores.max()), "roi": roi_for_layer(layer, config)}
+        test_scores = {s.name: table[s.n_presentations if averaged else None] for s in sets}
+        test_alpha = {n: float(decoder.alphas[int(np.argmax(v))]) for n, v in test_scores.items()}
         if averaged:
-            rows = {r: table[1 + i] for i, r in enumerate(averaged)}
-            test_alpha = {s.name: float(decoder.alphas[int(np.argmax(rows[s.n_presentations]))]) for s in sets}
             alphas[layer]["test_alpha"] = test_alpha
-            alphas[layer]["test_cv_r2"] = {s.name: float(rows[s.n_presentations].max()) for s in sets}
+            alphas[layer]["test_cv_r2"] = {n: float(v.max()) for n, v in test_scores.items()}
         for a in {alpha, *test_alpha.values()}:
             if a in (config.alphas[0], config.alphas[-1]):
                 log(f"  warning: {layer} penalty {a:g} is at the edge of the search grid")
@@ -319,14 +318,7 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
                 grid = [i for i, a in enumerate(decoder.alphas)
                         if alpha / config.unit_alpha_span <= a <= alpha * config.unit_alpha_span]
             elif unit_reliability and units[layer] <= config.unit_weight_max_units:
-                # the units' R^2 at the single-presentation penalty; decoding keeps each test set's penalty
-                i = int(np.argmin(np.abs(decoder.alphas - alpha)))
-                if (roi, i) not in loo:
-                    log(f"  leave-one-image-out matrices for {roi}: 1 penalty")
-                    loo[roi, i] = decoder.loo_matrices([i], w)[0]
-                C[layer] = (C[layer][None], loo[roi, i][None], decoder.alphas[[i]])
-                per_unit.append((layer, False))
-                continue
+                grid = [int(np.argmin(np.abs(decoder.alphas - alpha)))]
             else:
                 log(f"  {layer}: {units[layer]:,} units > unit_{'alpha' if per_unit_alpha else 'weight'}_max_units: "
                     "no per-unit " + ("penalties" if per_unit_alpha else "reliability"))
@@ -335,12 +327,15 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
             if todo:
                 log(f"  leave-one-image-out matrices for {roi}: {len(todo)} penalties")
                 loo.update({(roi, i): P for i, P in zip(todo, decoder.loo_matrices(todo, w))})
-            for i in grid:
-                if (roi, i) not in combos:
-                    combos[roi, i] = combination_weights(
-                        np.vstack([decoder.test_weights(test_X[s.name], decoder.alphas[i]) for s in sets]), w)
-            C[layer] = (np.stack([combos[roi, i] for i in grid]), np.stack([loo[roi, i] for i in grid]),
-                        decoder.alphas[grid])
+            if own_alpha:
+                for i in grid:
+                    if (roi, i) not in combos:
+                        combos[roi, i] = combination_weights(
+                            np.vstack([decoder.test_weights(test_X[s.name], decoder.alphas[i]) for s in sets]), w)
+                Cs = np.stack([combos[roi, i] for i in grid])
+            else:   # the units' R^2 at the single-presentation penalty; decoding keeps each test set's penalty
+                Cs = C[layer][None]
+            C[layer] = (Cs, np.stack([loo[roi, i] for i in grid]), decoder.alphas[grid])
             per_unit.append((layer, own_alpha))
 
     log.stage(f"decoding {sum(len(s.labels) for s in sets)} test images ({sum(units.values()):,} units)")

@@ -196,10 +196,9 @@ class KernelRidgeDecoder:
             out[:, s:s + chunk] = np.einsum("amk,mk->ak", (flat @ Y).reshape(a, m, -1), Y)
         return out
 
-    def choose_alpha(self, Y_images: np.ndarray, n_average: float | None = None) -> tuple[float, np.ndarray]:
-        """Best alpha and the CV score per alpha, from targets (n_images, k) (a sample of units);
-        ``n_average``: as for :meth:`cv_scores`."""
-        scores = self.cv_scores(Y_images, n_average)
+    def choose_alpha(self, Y_images: np.ndarray) -> tuple[float, np.ndarray]:
+        """Best alpha and the CV score per alpha, from targets (n_images, k) (a sample of units)."""
+        scores = self.cv_scores(Y_images)
         return float(self.alphas[int(np.argmax(scores))]), scores
 
     def test_weights(self, X_test: np.ndarray, alpha: float) -> np.ndarray:
