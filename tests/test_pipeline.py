@@ -34,6 +34,8 @@ def test_end_to_end_tiny(small_subject, tmp_path):
         assert m["n_images"] == n and len(list((out / "recon" / name).glob("*.png"))) == n
         assert 0.0 <= m["pixel_identification"] <= 1.0
         assert set(m["feature_decoding"]) == {f"conv{b}_{i}" for b, k in enumerate([2, 2, 3, 3, 3], 1) for i in range(1, k + 1)}
+    # decoders are fit on each training image's mean presentation (the small subject: 200 images x 5)
+    assert "fit on the mean presentation of each of 200 images" in result.output
     # the reconstruction weighs units by their cross-validated decoding R^2
     assert "weighs units by decoding reliability in 13 of 13 layers" in result.output
     run_alphas = json.loads((out / "run.json").read_text())["alphas"]
@@ -51,6 +53,7 @@ def test_end_to_end_tiny(small_subject, tmp_path):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") > 2 * (6 + 40 + 10) and "test-retest" in html
     assert "(single trials " in html                       # the layer table shows the penalties used
+    assert "decoders fit on each image's mean presentation" in html
     # snapshots: the images at 0, 5, 12.5, 25 and 50% of the iterations, saved and in the report
     label = sorted((out / "recon" / "shapes").glob("*.png"))[0].stem
     snaps = sorted((out / "recon_snapshots" / "shapes" / label).glob("*.png"))
@@ -72,9 +75,11 @@ def test_end_to_end_tiny(small_subject, tmp_path):
     assert equal.exit_code == 0, equal.output
     assert "reused decoded features" in equal.output and "weighs units" not in equal.output
     assert not np.array_equal(final, np.asarray(Image.open(out / "recon" / "shapes" / f"{label}.png"), float))
-    # other reconstruction settings keep the training-feature cache
-    other = runner.invoke(app, _run_args(subject, out, tests=("letters",)) + ["--iterations", "3"])
+    # other settings (here decoders fit on single presentations, as in the paper) keep the training-feature cache
+    other = runner.invoke(app, _run_args(subject, out, tests=("letters",)) + ["--iterations", "3",
+                                                                               "--train-trials", "single"])
     assert other.exit_code == 0, other.output
+    assert "fit on 1000 single presentations" in other.output and "reused decoded features" not in other.output
     assert len(list((out / "cache").glob("features-*.h5"))) == 1
 
 

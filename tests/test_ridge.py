@@ -13,6 +13,13 @@ def _problem(n_img, v, reps=3, k=7, seed=0):
     return X, idx, Y, rng.normal(size=(5, v))
 
 
+def _refit(X, T, alpha):
+    """Ridge with an unpenalised intercept on rows X (n, v), targets T (n, k): the predictor x -> t."""
+    mx, mt = X.mean(0), T.mean(0)
+    W = np.linalg.solve((X - mx).T @ (X - mx) + alpha * np.eye(X.shape[1]), (X - mx).T @ (T - mt))
+    return lambda x: mt + (x - mx) @ W
+
+
 @pytest.mark.parametrize("n_img,v", [(100, 50), (30, 200)])  # more samples than voxels, and fewer
 def test_kernel_ridge_equals_closed_form(n_img, v):
     X, idx, Y, Xt = _problem(n_img, v)
@@ -41,8 +48,8 @@ def test_grouped_cv_equals_brute_force(n_img, v):
         sse = 0.0
         for i in range(n_img):
             test = idx == i
-            w = np.linalg.solve(Xz[~test].T @ Xz[~test] + alpha * np.eye(v), Xz[~test].T @ Tn[~test])
-            sse = sse + ((Tn[test] - Xz[test] @ w) ** 2).sum(0)
+            f = _refit(Xz[~test], Tn[~test], alpha)        # each fold centred on its own training rows
+            sse = sse + ((Tn[test] - f(Xz[test])) ** 2).sum(0)
         expected.append(np.mean(1 - sse / len(T)))
     np.testing.assert_allclose(dec.cv_scores(Y), expected, rtol=1e-4, atol=1e-5)
     best, _ = dec.choose_alpha(Y)
@@ -62,8 +69,7 @@ def test_per_unit_cv_errors_equal_brute_force(n_img, v):
     for a, alpha in enumerate(dec.alphas):
         for i in range(n_img):
             test = idx == i
-            w = np.linalg.solve(Xz[~test].T @ Xz[~test] + alpha * np.eye(v), Xz[~test].T @ T[~test])
-            expected[a] += ((T[test] - Xz[test] @ w) ** 2).sum(0)
+            expected[a] += ((T[test] - _refit(Xz[~test], T[~test], alpha)(Xz[test])) ** 2).sum(0)
     P = dec.loo_matrices([0, 1, 2, 3])
     got = dec.unit_cv_errors(P, Y, chunk=3)
     np.testing.assert_allclose(got, expected, rtol=2e-3)
@@ -90,8 +96,7 @@ def test_averaged_cv_equals_brute_force_decomposition():
         sse, mean_sq, trial, n_rep = 0.0, [], [], 0
         for i in range(len(Y)):
             test = idx == i
-            w = np.linalg.solve(Xz[~test].T @ Xz[~test] + alpha * np.eye(30), Xz[~test].T @ Tn[~test])
-            r = Tn[test] - Xz[test] @ w                                          # (m, k)
+            r = Tn[test] - _refit(Xz[~test], Tn[~test], alpha)(Xz[test])        # (m, k)
             sse = sse + (r ** 2).sum(0)
             mean_sq.append((r.mean(0) ** 2, len(r), r.var(0, ddof=1) if len(r) > 1 else None))
         w_bar = np.mean([t for _, m_, t in mean_sq if t is not None], axis=0)  # images shown once borrow it
@@ -127,8 +132,10 @@ def test_averaged_cv_predicts_the_error_on_averaged_inputs():
             err = 0.0
             for i in range(n_img):
                 test = idx == i
-                w = np.linalg.solve(Xz[~test].T @ Xz[~test] + alpha * np.eye(v), Xz[~test].T @ Tn[~test])
-                err = err + (Yn[i] - ((S[i] - m) / s) @ w) ** 2 + sigma ** 2 / R * ((w / s[:, None]) ** 2).sum(0)
+                mx, mt = Xz[~test].mean(0), Tn[~test].mean(0)
+                w = np.linalg.solve((Xz[~test] - mx).T @ (Xz[~test] - mx) + alpha * np.eye(v),
+                                    (Xz[~test] - mx).T @ (Tn[~test] - mt))
+                err = err + (Yn[i] - mt - ((S[i] - m) / s - mx) @ w) ** 2 + sigma ** 2 / R * ((w / s[:, None]) ** 2).sum(0)
             truth.append(np.mean(1 - err / n_img))
         got = dec.cv_scores(Y, R)
         np.testing.assert_allclose(got, truth, atol=0.015)
@@ -148,8 +155,7 @@ def test_unit_r2_equals_brute_force_leave_one_image_out_r2():
     sse = np.zeros(Y.shape[1])
     for i in range(len(Y)):
         test = idx == i
-        w = np.linalg.solve(Xz[~test].T @ Xz[~test] + 30.0 * np.eye(40), Xz[~test].T @ T[~test])
-        sse += ((T[test] - Xz[test] @ w) ** 2).sum(0)
+        sse += ((T[test] - _refit(Xz[~test], T[~test], 30.0)(Xz[test])) ** 2).sum(0)
     expected = 1 - sse[:-1] / (T[:, :-1] ** 2).sum(0)
     got = unit_r2(dec.unit_cv_errors(dec.loo_matrices([0]), Y)[0], Y[idx].std(0, ddof=1), len(idx))
     np.testing.assert_allclose(got[:-1], expected, rtol=1e-3, atol=1e-4)
@@ -173,3 +179,95 @@ def test_rescale_matches_true_channel_sd():
     np.testing.assert_allclose(channel_sd(out - mean), 2.5, rtol=1e-5)
     # the pattern is kept: only a per-image scale changes
     assert np.corrcoef((out - mean)[0].ravel(), decoded[0].ravel())[0, 1] > 0.999
+
+
+# --- decoders fit on each image's mean presentation (average_trials=True) ---
+
+def _means(X, idx):
+    """Single-presentation z-scoring, per-image means, centred with images counting equally."""
+    m, s = zscore_fit(X)
+    Z = (X - m) / s
+    counts = np.bincount(idx)
+    A = np.zeros((len(counts), X.shape[1]))
+    np.add.at(A, idx, Z)
+    A /= counts[:, None]
+    shift = A.mean(0)
+    return A - shift, Z - shift, m + shift * s, s
+
+
+def _mixed_problem(v=45):
+    X, idx, Y, Xt = _problem(30, v)
+    rng = np.random.default_rng(7)
+    idx = np.r_[idx, 30]                                     # one more image, shown once
+    Y = np.r_[Y, rng.normal(size=(1, Y.shape[1]))] * np.arange(1, Y.shape[1] + 1) + 5.0
+    X = np.r_[X, rng.normal(size=(1, X.shape[1]))]
+    return X, idx, Y, Xt
+
+
+def test_fit_on_image_means_equals_closed_form():
+    X, idx, Y, Xt = _mixed_problem()
+    dec = KernelRidgeDecoder().fit(X, idx, average_trials=True)
+    A, _, mean, sd = _means(X, idx)
+    W = np.linalg.solve(A.T @ A + 3.0 * np.eye(A.shape[1]), A.T @ (Y - Y.mean(0)))
+    expected = ((Xt - mean) / sd) @ W + Y.mean(0)          # images weigh equally, whatever their presentations
+    np.testing.assert_allclose(dec.predict(dec.test_weights(Xt, 3.0), Y.astype(np.float32)), expected, atol=1e-4)
+    np.testing.assert_allclose(dec.image_weights(), 1 / len(Y))
+
+
+@pytest.mark.parametrize("v", [45, 20])                    # more voxels than images, and fewer
+def test_fit_on_image_means_cv_scores_every_held_out_presentation(v):
+    """Refit on the other images' means; score each held-out presentation, and averages of R of them."""
+    X, idx, Y, _ = _mixed_problem(v)
+    alphas = np.array([1e-3, 0.5, 3.0, 300.0])                # down to near interpolation
+    dec = KernelRidgeDecoder(alphas=alphas).fit(X, idx, average_trials=True)
+    A, Z, _, _ = _means(X, idx)
+    Yc = Y - Y.mean(0)
+    Yn = Yc / Yc.std(0)
+    Rs = [None, 1, 4, 1e9]
+    expected = np.zeros((len(Rs), len(alphas)))
+    unit_sse = np.zeros((len(alphas), Y.shape[1]))
+    for a, alpha in enumerate(alphas):
+        sse, parts = 0.0, []
+        for i in range(len(Y)):
+            keep = np.arange(len(Y)) != i
+            f = _refit(A[keep], Yn[keep], alpha)                                  # the other images' means
+            r = Yn[i] - f(Z[idx == i])                                           # each presentation (m, k)
+            sse = sse + (r ** 2).sum(0)
+            parts.append(((Yn[i] - f(A[i])) ** 2, len(r), r.var(0, ddof=1) if len(r) > 1 else None))
+            unit_sse[a] += ((Yc[i] - _refit(A[keep], Yc[keep], alpha)(Z[idx == i])) ** 2).sum(0)   # unscaled units
+        w_bar = np.mean([t for *_, t in parts if t is not None], axis=0)
+        for j, R in enumerate(Rs):
+            if R is None:
+                expected[j, a] = np.mean(1 - sse / len(idx))
+                continue
+            err = sum(ms + (1 / R - 1 / m_) * (t if t is not None else w_bar) for ms, m_, t in parts)
+            expected[j, a] = np.mean(1 - err / len(Y))
+    np.testing.assert_allclose(dec.cv_scores_averaged(Y, Rs), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dec.unit_cv_errors(dec.loo_matrices([0, 1, 2, 3]), Y), unit_sse, rtol=1e-3)
+
+
+def test_fit_on_image_means_predicts_averaged_inputs_better():
+    """Voxels of unequal noise, test inputs averaged over 16 presentations: at each fit's own
+    cross-validated penalty, the fit on image means has the smaller true error (computed from the
+    known noise) than the fit on single presentations, whose trial noise over-regularises it."""
+    rng = np.random.default_rng(2)
+    n_img, reps, v, k, R = 200, 5, 80, 30, 16
+    idx = np.repeat(np.arange(n_img), reps)
+    Y = rng.normal(size=(n_img, k))
+    S = Y @ rng.normal(size=(k, v)) * 0.4                                       # noise-free voxel signals
+    sigma = rng.uniform(1.0, 6.0, size=v)                                       # each voxel its own noise
+    X = S[idx] + sigma * rng.normal(size=(len(idx), v))
+    Yt = rng.normal(size=(300, k))                                              # fresh test images
+    St = Yt @ np.linalg.lstsq(Y, S, rcond=None)[0]
+    alphas = np.logspace(-1, 5, 13)
+    errors = {}
+    for average in (False, True):
+        dec = KernelRidgeDecoder(alphas=alphas).fit(X, idx, average_trials=average)
+        alpha = alphas[int(np.argmax(dec.cv_scores(Y, R)))]
+        B = dec.test_weights(St, alpha)                                          # prediction from noise-free inputs
+        W = np.linalg.lstsq(St - dec.mean_, B, rcond=None)[0]                   # the linear map, voxels -> images
+        pred = dec.predict(B, Y.astype(np.float32))
+        Yc = Y - dec.target_mean(Y)
+        noise = ((sigma[:, None] * (W @ Yc)) ** 2).sum(0) / R                   # averaged input noise, per unit
+        errors[average] = float(np.mean(((Yt - pred) ** 2).sum(0) + len(Yt) * noise))
+    assert errors[True] < 0.8 * errors[False], errors    # measured: about half

@@ -49,7 +49,8 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
 RUN_DEFAULTS = {"roi": "ROI_VC", "layer_roi": {}, "image_size": 224, "iterations": 200, "network": "hed-vgg16",
                 "seed": 0, "no_true_features": False, "prior": "gd", "generator": None, "layers": None,
                 "feature_store": "auto", "executor": "local", "executor_options": {}, "decoder": "kernel",
-                "alpha_per": "layer", "alpha_cv": "averaged", "unit_weighting": "reliability", "snapshots": None}
+                "alpha_per": "layer", "alpha_cv": "averaged", "train_trials": "averaged", "unit_weighting": "reliability",
+                "snapshots": None}
 RUN_KEYS = ("train", "test", "images", "out", *RUN_DEFAULTS)
 
 
@@ -118,6 +119,8 @@ OPT = dict(
     alpha_cv=typer.Option(None, help="what the layer's ridge penalty is cross-validated for: averaged (default: "
                                      "inputs averaged over as many presentations as each test set has, so each "
                                      "test set gets its own penalty) or single (single presentations)"),
+    train_trials=typer.Option(None, help="what the kernel decoder is fit on: averaged (default: each training image's "
+                                         "mean presentation) or single (every presentation, as in the paper)"),
     unit_weighting=typer.Option(None, help="reconstruction loss per unit: reliability (default: each unit weighted by "
                                            "its cross-validated decoding R^2, layers up to 200,000 units, feature "
                                            "cache on disk) or none (all units equal, as in the paper)"),
@@ -161,7 +164,8 @@ def _run_setup(config, given: dict):
                              generator=generator, true_feature_recon=not opts["no_true_features"],
                              feature_store=opts["feature_store"], executor=opts["executor"], decoder=opts["decoder"],
                              executor_options=opts["executor_options"] or {}, alpha_per=opts["alpha_per"],
-                             alpha_cv=opts["alpha_cv"], unit_weighting=opts["unit_weighting"], snapshots=snapshots)
+                             alpha_cv=opts["alpha_cv"], train_trials=opts["train_trials"],
+                             unit_weighting=opts["unit_weighting"], snapshots=snapshots)
     except ValueError as e:   # pydantic's validation errors
         _fail(f"invalid setting: {e}")
     tests = {k: Path(v) for k, v in opts["test"].items()}
@@ -178,7 +182,8 @@ def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any o
         prior: Optional[str] = OPT["prior"], generator: Optional[str] = OPT["generator"],
         layers: Optional[str] = OPT["layers"], executor: Optional[str] = OPT["executor"],
         decoder: Optional[str] = OPT["decoder"], alpha_per: Optional[str] = OPT["alpha_per"],
-        alpha_cv: Optional[str] = OPT["alpha_cv"], unit_weighting: Optional[str] = OPT["unit_weighting"],
+        alpha_cv: Optional[str] = OPT["alpha_cv"], train_trials: Optional[str] = OPT["train_trials"],
+        unit_weighting: Optional[str] = OPT["unit_weighting"],
         snapshots: Optional[str] = OPT["snapshots"],
         seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"]):
     """Run the whole pipeline on BData files: decode, reconstruct, evaluate, report."""
@@ -206,7 +211,8 @@ def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis
             prior: Optional[str] = OPT["prior"], generator: Optional[str] = OPT["generator"],
             layers: Optional[str] = OPT["layers"], executor: Optional[str] = OPT["executor"],
         decoder: Optional[str] = OPT["decoder"], alpha_per: Optional[str] = OPT["alpha_per"],
-        alpha_cv: Optional[str] = OPT["alpha_cv"], unit_weighting: Optional[str] = OPT["unit_weighting"],
+        alpha_cv: Optional[str] = OPT["alpha_cv"], train_trials: Optional[str] = OPT["train_trials"],
+        unit_weighting: Optional[str] = OPT["unit_weighting"],
         snapshots: Optional[str] = OPT["snapshots"],
             seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"]):
     """Run variants of the pipeline on the same data and compare them in one report (out/report.html)."""

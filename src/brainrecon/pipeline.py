@@ -50,6 +50,7 @@ class PipelineConfig(BaseModel):
     decoder: str = "kernel"                  # "kernel": all-voxel kernel ridge, penalty by CV; "selection": FastL2LiR
     alpha_per: str = "layer"                 # kernel ridge penalty: "layer" (CV on a unit sample) or "unit" (each unit's own)
     alpha_cv: Literal["averaged", "single"] = "averaged"  # layer penalty scored for each test set's trial-averaged inputs, or single trials
+    train_trials: Literal["averaged", "single"] = "averaged"  # kernel decoder fit on each training image's mean presentation, or on every presentation (paper)
     unit_alpha_max_units: int = 200_000      # alpha_per "unit": larger layers keep one penalty (cost 2 n_images^2 flops per unit and penalty)
     unit_alpha_span: float = 30.0            # alpha_per "unit": penalties searched within this factor of the layer's
     unit_weighting: Literal["reliability", "none"] = "reliability"  # reconstruction loss per unit: its cross-validated decoding R^2, or equal
@@ -268,11 +269,13 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
                     _check_fmri(sub)
                     X, labels = sub.average_by_label()
                     X_test[s.name] = X[[labels.index(lab) for lab in s.labels]]
-            log(f"  decoder for {roi}: {X_train.shape[1]} voxels")
-            decoders[roi] = (KernelRidgeDecoder(np.array(config.alphas)).fit(X_train, image_index), X_test)
+            average = config.train_trials == "averaged" and config.decoder == "kernel"
+            log(f"  decoder for {roi}: {X_train.shape[1]} voxels, fit on "
+                + (f"the mean presentation of each of {len(counts)} images" if average
+                   else f"{len(image_index)} single presentations"))
+            decoders[roi] = (KernelRidgeDecoder(np.array(config.alphas)).fit(X_train, image_index, average), X_test)
         return decoders[roi]
 
-    w = counts / counts.sum()
     C, alphas, stats = {}, {}, {}
     # score penalties for inputs averaged as each test set's are (kernel decoder, one penalty per layer)
     averaged = sorted({s.n_presentations for s in sets}) if config.alpha_cv == "averaged" and not per_unit_alpha else []
@@ -294,13 +297,17 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
         if averaged:
             alphas[layer]["test_alpha"] = test_alpha
             alphas[layer]["test_cv_r2"] = {n: float(v.max()) for n, v in test_scores.items()}
-        for a in {alpha, *test_alpha.values()}:
-            if a in (config.alphas[0], config.alphas[-1]):
-                log(f"  warning: {layer} penalty {a:g} is at the edge of the search grid")
+        for sc in {id(v): v for v in [scores, *test_scores.values()]}.values():
+            best = int(np.argmax(sc))
+            edge = best in (0, len(sc) - 1) and len(sc) > 1
+            # at an edge and still improving there (a flat end means the penalty hardly matters)
+            if edge and sc[best] - sc[1 if best == 0 else -2] > 1e-3:
+                log(f"  warning: {layer} penalty {decoder.alphas[best]:g} is at the edge of the search grid, "
+                    "where the cross-validated R^2 still improves: widen alphas")
         log(f"  {layer}: alpha {alpha:g} (CV R2 {scores.max():.3f})" + ("; averaged test trials: " + ", ".join(
             f"{n} {a:g}" for n, a in test_alpha.items()) if averaged else ""))
         C[layer] = combination_weights(np.vstack([decoder.test_weights(test_X[s.name], test_alpha[s.name])
-                                                  for s in sets]), w)
+                                                  for s in sets]), decoder.image_weights())
         stats[f"{layer}/mean"] = st.mean.reshape(shapes[layer])
         stats[f"{layer}/sd"] = st.sd
         stats[f"{layer}/true_sd"] = np.float32(st.channel_sd)
@@ -326,12 +333,13 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
             todo = [i for i in grid if (roi, i) not in loo]
             if todo:
                 log(f"  leave-one-image-out matrices for {roi}: {len(todo)} penalties")
-                loo.update({(roi, i): P for i, P in zip(todo, decoder.loo_matrices(todo, w))})
+                loo.update({(roi, i): P for i, P in zip(todo, decoder.loo_matrices(todo))})
             if own_alpha:
                 for i in grid:
                     if (roi, i) not in combos:
                         combos[roi, i] = combination_weights(
-                            np.vstack([decoder.test_weights(test_X[s.name], decoder.alphas[i]) for s in sets]), w)
+                            np.vstack([decoder.test_weights(test_X[s.name], decoder.alphas[i]) for s in sets]),
+                            decoder.image_weights())
                 Cs = np.stack([combos[roi, i] for i in grid])
             else:   # the units' R^2 at the single-presentation penalty; decoding keeps each test set's penalty
                 Cs = C[layer][None]

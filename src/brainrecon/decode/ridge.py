@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
 
 DEFAULT_ALPHAS = np.logspace(0, 7, 15)
 
@@ -54,23 +55,61 @@ class KernelRidgeDecoder:
 
     ``fit(X, image_index)``: X (n_samples, n_voxels) training fMRI; ``image_index`` (n_samples,) the
     training image shown in each sample (targets are given per image, (n_images, n_units)).
+    ``average_trials=True`` fits on each image's mean presentation instead (voxels scaled by their
+    single-presentation SD), so that trial noise regularises the fit as it does for averaged test
+    inputs; cross-validation still scores every held-out presentation.
     """
 
     def __init__(self, alphas: np.ndarray = DEFAULT_ALPHAS):
         self.alphas = np.asarray(alphas, dtype=np.float64)
 
-    def fit(self, X: np.ndarray, image_index: np.ndarray) -> "KernelRidgeDecoder":
+    def fit(self, X: np.ndarray, image_index: np.ndarray, average_trials: bool = False) -> "KernelRidgeDecoder":
         X = np.asarray(X, dtype=np.float64)
-        self.mean_, self.sd_ = zscore_fit(X)
-        self.Xz_ = (X - self.mean_) / self.sd_                                 # (n, v)
-        self.image_index_ = np.asarray(image_index)
-        self.n_images_ = int(self.image_index_.max()) + 1
-        self.U_, self.eig_ = kernel_eigen(self.Xz_)                          # K = U diag(eig) U^T
-        counts = np.bincount(self.image_index_, minlength=self.n_images_)
+        trial_index = np.asarray(image_index)
+        n_images = int(trial_index.max()) + 1
+        counts = np.bincount(trial_index, minlength=n_images)
         if (counts == 0).any():
             raise ValueError("every training image must be shown at least once")
-        self.counts_ = counts
+        self.trial_index_, self.trial_counts_, self.n_images_ = trial_index, counts, n_images
+        self.mean_, self.sd_ = zscore_fit(X)
+        self.averaged_ = bool(average_trials)
+        self.blocks_ = None
+        if not self.averaged_:
+            self.Xz_ = (X - self.mean_) / self.sd_                             # (n, v)
+            self.image_index_, self.counts_ = trial_index, counts
+            self.U_, self.eig_ = kernel_eigen(self.Xz_)                      # K = U diag(eig) U^T
+            return self
+        means = np.zeros((n_images, X.shape[1]))
+        for s in range(0, len(X), 1024):                                      # in chunks: no z-scored copy of X
+            np.add.at(means, trial_index[s:s + 1024], (X[s:s + 1024] - self.mean_) / self.sd_)
+        means /= counts[:, None]
+        shift = means.mean(0)                                                 # images count equally
+        self.mean_ = self.mean_ + shift * self.sd_
+        self.Xz_ = means - shift                                              # (n_images, v)
+        self.image_index_, self.counts_ = np.arange(n_images), np.ones(n_images, dtype=np.int64)
+        self.U_, self.eig_ = kernel_eigen(self.Xz_)
+        # kernel between each presentation's deviation from its image's mean and the fitted means
+        self.dev_kernel_ = np.empty((len(X), n_images))
+        for s in range(0, len(X), 1024):
+            dev = (X[s:s + 1024] - self.mean_) / self.sd_ - self.Xz_[trial_index[s:s + 1024]]
+            self.dev_kernel_[s:s + 1024] = dev @ self.Xz_.T
+        # G = U diag(1 / (eig + alpha)) U' + (I - U U' - 1 1'/n) / alpha (see _group_blocks), the second
+        # part (zero unless there are fewer voxels than images) kept apart: no cancellation at small alpha
+        self.dev_U_ = self.dev_kernel_ @ self.U_                               # (n, r)
+        rows = np.arange(len(X))
+        self.dev_U32_ = self.dev_U_.astype(np.float32)
+        self.dev_own_U_ = self.dev_U_ * self.U_[trial_index]                  # (n, r): own image's term
+        self.perp_diag_ = np.clip(1.0 - (self.U_ ** 2).sum(1) - 1.0 / n_images, 0.0, None)  # diag(I - U U' - 1 1'/n)
+        self.dev_perp_, self.dev_own_perp_ = None, np.zeros(len(X))
+        if self.U_.shape[1] < n_images - 1:                                     # fewer voxels than images
+            self.dev_perp_ = self.dev_kernel_ - self.dev_U_ @ self.U_.T        # (n, n_images)
+            self.dev_own_perp_ = self.dev_perp_[rows, trial_index]
+        self.trial_sum_ = scipy.sparse.csr_matrix((np.ones(len(X)), (trial_index, rows)), shape=(n_images, len(X)))
         return self
+
+    def image_weights(self) -> np.ndarray:
+        """Weights (n_images,) of the images in the fit's centring: presentation shares, or equal when averaged."""
+        return self.counts_ / self.counts_.sum()
 
     def _expand(self, Y_images: np.ndarray) -> np.ndarray:
         return Y_images[self.image_index_]
@@ -78,8 +117,11 @@ class KernelRidgeDecoder:
     def _group_blocks(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Per group size m: (group rows (g, m), diagonal blocks of G per alpha (a, g, m, m)).
 
-        G = (K + alpha I)^-1 = I/alpha + U diag(d) U^T; its blocks depend on the training data
-        only, so they are computed once for all alphas and reused for every layer.
+        G = (K + alpha I)^-1 - 1 1^T / (n alpha) = I/alpha + U diag(d) U^T - 1 1^T / (n alpha): the
+        last term is the limit of an unpenalised intercept, so that each cross-validation fold is
+        centred on its own training rows (without it the centring over all rows leaks the held-out
+        image near interpolation). Predictions are unchanged (K 1 = 0). The blocks depend on the
+        training data only, so they are computed once for all alphas and reused for every layer.
         """
         if getattr(self, "blocks_", None) is None:
             groups: dict[int, list[np.ndarray]] = {}
@@ -95,7 +137,7 @@ class KernelRidgeDecoder:
                     Ug = self.U_[idx[s:s + 256]]                                      # (c, m, r)
                     pairs = (Ug[:, :, None, :] * Ug[:, None, :, :]).reshape(-1, Ug.shape[-1])
                     out[:, s:s + 256] = (pairs @ D).T.reshape(len(self.alphas), len(Ug), m, m)
-                out += np.eye(m) / self.alphas[:, None, None, None]
+                out += (np.eye(m) - 1.0 / len(self.image_index_)) / self.alphas[:, None, None, None]
                 self.blocks_[m] = (idx, out)
         return self.blocks_
 
@@ -124,64 +166,104 @@ class KernelRidgeDecoder:
         Y = self._expand(np.asarray(Y_images, dtype=np.float32))
         Y = Y - Y.mean(0)
         Y /= np.maximum(Y.std(0), 1e-12)
-        U = self.U_.astype(np.float32)
-        UtY = U.T @ Y
-        blocks = self._group_blocks()
-        n_img = self.n_images_
+        m = self.trial_counts_
+        n_trial = int((m > 1).sum())
         scores = np.empty((len(n_averages), len(self.alphas)))
-        for a, alpha in enumerate(self.alphas):
-            d = (1.0 / (self.eig_ + alpha) - 1.0 / alpha).astype(np.float32)
-            GY = Y / np.float32(alpha) + U @ (d[:, None] * UtY)                   # G @ Y
-            sse, mean_sq, trial, n_trial = 0.0, 0.0, 0.0, 0
-            mean_sq_single = 0.0                                                  # images shown once
-            for m, (idx, blk) in blocks.items():
-                resid = np.linalg.solve(blk[a], GY[idx].astype(np.float64))        # (n_groups, m, k)
-                sse += (resid ** 2).sum(axis=(0, 1))
-                if m == 1:
-                    mean_sq_single += (resid[:, 0] ** 2).sum(0)
-                    continue
-                r_bar = resid.mean(1)
-                w = ((resid - r_bar[:, None]) ** 2).sum(1) / (m - 1)              # (n_groups, k)
-                mean_sq += (r_bar ** 2 - w / m).sum(0)                             # the noise-free part
-                trial += w.sum(0)
-                n_trial += len(idx)
-            n_single = n_img - n_trial
+        for a in range(len(self.alphas)):
+            r_bar, dev = self._loo_residuals(a, Y)
+            sse = (m[:, None] * r_bar ** 2 + dev).sum(0)                          # single presentations
+            w = dev[m > 1] / (m[m > 1, None] - 1)                                 # unbiased trial variance
             for j, R in enumerate(n_averages):
                 if R is None or n_trial == 0:
-                    scores[j, a] = np.mean(1.0 - sse / len(Y))
+                    scores[j, a] = np.mean(1.0 - sse / m.sum())
                     continue
-                w_mean = trial / n_trial
-                err = mean_sq + trial / R + (mean_sq_single - n_single * w_mean) + n_single * w_mean / R
-                scores[j, a] = np.mean(1.0 - err / n_img)
+                w_all = np.broadcast_to(w.mean(0), r_bar.shape).copy()            # images shown once borrow the mean
+                w_all[m > 1] = w
+                err = (r_bar ** 2 + (1.0 / R - 1.0 / m[:, None]) * w_all).sum(0)
+                scores[j, a] = np.mean(1.0 - err / self.n_images_)
         return scores
+
+    def _loo_residuals(self, a: int, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Leave-one-image-out residuals at ``alphas[a]`` of targets Y (fit rows, k): per image, the
+        residual of its mean presentation (n_images, k) and the sum over its presentations of squared
+        deviations from it (n_images, k)."""
+        alpha = self.alphas[a]
+        r_bar = np.empty((self.n_images_, Y.shape[1]))
+        dev = np.zeros((self.n_images_, Y.shape[1]))
+        if not self.averaged_:
+            U = self.U_.astype(np.float32)
+            d = (1.0 / (self.eig_ + alpha) - 1.0 / alpha).astype(np.float32)
+            GY = Y / np.float32(alpha) + U @ (d[:, None] * (U.T @ Y))              # G @ Y
+            for m, (idx, blk) in self._group_blocks().items():
+                resid = np.linalg.solve(blk[a], GY[idx].astype(np.float64))        # (n_groups, m, k)
+                img = self.image_index_[idx[:, 0]]
+                r_bar[img] = resid.mean(1)
+                dev[img] = ((resid - r_bar[img][:, None]) ** 2).sum(1)
+            return r_bar, dev
+        # refit without image i: f_-i(x) = k(x)' c - (k(x)' G e_i) c_i / G_ii, with c = G Y (float64:
+        # near interpolation the two terms nearly cancel)
+        Y = np.asarray(Y, np.float64)
+        e = 1.0 / (self.eig_ + alpha)
+        UtY = self.U_.T @ Y
+        Y_perp = (Y - self.U_ @ UtY) / alpha
+        GY = self.U_ @ (e[:, None] * UtY) + Y_perp
+        g = (self.U_ ** 2) @ e + self.perp_diag_ / alpha                          # diag(G)
+        r_bar[:] = GY / g[:, None]
+        own = self.dev_own_U_ @ e + self.dev_own_perp_ / alpha                    # (k_dev' G)[own image]
+        fd = (self.dev_U32_ @ (e[:, None] * UtY).astype(np.float32)                # the costly product in float32
+              - (own / g[self.trial_index_])[:, None] * GY[self.trial_index_])
+        if self.dev_perp_ is not None:
+            fd += self.dev_perp_ @ Y_perp
+        dev[:] = self.trial_sum_ @ fd ** 2                                        # prediction from each deviation
+        return r_bar, dev
 
     def loo_matrices(self, alpha_indices: list[int], image_weights: np.ndarray | None = None) -> np.ndarray:
         """P (a, n_images, n_images): per-unit leave-one-image-out errors as quadratic forms.
 
         For a unit with targets t (n_images,), centred by the training mean (``image_weights``,
-        default: the presentation shares), its leave-one-image-out sum of squared errors over
+        default: :meth:`image_weights`), its leave-one-image-out sum of squared errors over
         training samples at penalty ``alphas[alpha_indices[a]]`` is ``t' P[a] t`` (the centring is
         folded into P, so P 1 = 0). Cost: one (n, r) x (r, n_images) product per
         penalty, then 2 n_images^2 flops per unit and penalty (:meth:`unit_cv_errors`).
         """
-        n = len(self.image_index_)
-        w = self.counts_ / self.counts_.sum() if image_weights is None else np.asarray(image_weights, np.float64)
-        W = np.zeros((self.n_images_, self.U_.shape[1]))
-        np.add.at(W, self.image_index_, self.U_)                                # S' U (n_images, r)
-        blocks = self._group_blocks()
-        rows = np.arange(n)
+        w = self.image_weights() if image_weights is None else np.asarray(image_weights, np.float64)
         out = np.empty((len(alpha_indices), self.n_images_, self.n_images_), np.float32)
         for j, a in enumerate(alpha_indices):
-            alpha = self.alphas[a]
-            d = 1.0 / (self.eig_ + alpha) - 1.0 / alpha
-            GS = (self.U_ * d) @ W.T                                            # G S = S / alpha + U D U' S
-            GS[rows, self.image_index_] += 1.0 / alpha
-            F = np.empty_like(GS)
-            for idx, blk in blocks.values():                                    # residual of each left-out image
-                F[idx] = np.linalg.solve(blk[a], GS[idx])
-            F -= F.sum(1, keepdims=True) * w[None, :]                          # targets centred: t - 1 w't
-            out[j] = F.T @ F
+            out[j] = 0.0
+            for M in self._loo_residual_operators(a):
+                M = M - M.sum(1, keepdims=True) * w[None, :]                    # targets centred: t - 1 w't
+                out[j] += M.T @ M
         return out
+
+    def _loo_residual_operators(self, a: int) -> list[np.ndarray]:
+        """Matrices M whose stacked products M t (t: a unit's targets per image) are the unit's
+        leave-one-image-out residuals, one row per training presentation, at ``alphas[a]`` (the squared
+        error summed over presentations is sum ||M t||^2)."""
+        alpha = self.alphas[a]
+        d = 1.0 / (self.eig_ + alpha) - 1.0 / alpha
+        if not self.averaged_:
+            n = len(self.image_index_)
+            W = np.zeros((self.n_images_, self.U_.shape[1]))
+            np.add.at(W, self.image_index_, self.U_)                            # S' U (n_images, r)
+            GS = (self.U_ * d) @ W.T                                            # G S = S / alpha + U D U' S
+            GS[np.arange(n), self.image_index_] += 1.0 / alpha
+            GS -= self.counts_[None, :] / (n * alpha)                           # the intercept: 1' G 1 = 0
+            F = np.empty_like(GS)
+            for idx, blk in self._group_blocks().values():                      # residual of each left-out image
+                F[idx] = np.linalg.solve(blk[a], GS[idx])
+            return [F]
+        # averaged fit: a presentation's residual is that of its image's mean minus the prediction from its deviation
+        e = 1.0 / (self.eig_ + alpha)
+        G = (self.U_ * e) @ self.U_.T + (np.eye(self.n_images_) - self.U_ @ self.U_.T - 1.0 / self.n_images_) / alpha
+        g = np.diag(G).copy()
+        F = G / g[:, None]                                                      # mean presentations' residuals
+        H = (self.dev_U_ * e) @ self.U_.T                                         # k_dev' G
+        if self.dev_perp_ is not None:
+            H += self.dev_perp_ / alpha
+        own = self.dev_own_U_ @ e + self.dev_own_perp_ / alpha
+        H -= (own / g[self.trial_index_])[:, None] * G[self.trial_index_]
+        # sum_j ||r_bar - f_j||^2 = m ||r_bar||^2 + sum_j ||f_j||^2 (the deviations sum to zero)
+        return [F * np.sqrt(self.trial_counts_)[:, None], H]
 
     @staticmethod
     def unit_cv_errors(P: np.ndarray, Y_images: np.ndarray, chunk: int = 4096) -> np.ndarray:

@@ -157,12 +157,14 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
                      f"the reconstruction weighs units by it'>unit CV R&sup2; (median)</th>{head}</tr>"
                      f"{''.join(layer_rows)}</table></details>") if metrics else ""
 
+    fit_note = (" (decoders fit on each image's mean presentation)"
+                if config.train_trials == "averaged" and config.decoder == "kernel" else "")
     times = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in run_info.get("stage_seconds", {}).items())
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>brainrecon report</title><style>{CSS}</style></head><body>
 <h1>Deep image reconstruction from fMRI</h1>
 <p class="sub">brainrecon {html.escape(str(run_info.get('brainrecon', '')))} &middot; network {html.escape(config.network)}
 &middot; {config.image_size} px &middot; ROI {html.escape(config.roi)} &middot; {run_info.get('n_voxels', '?')} voxels
-&middot; {run_info.get('n_train_samples', '?')} training samples of {run_info.get('n_train_images', '?')} images
+&middot; {run_info.get('n_train_samples', '?')} training samples of {run_info.get('n_train_images', '?')} images{fit_note}
 &middot; {config.recon.iterations} iterations &middot; total {run_info.get('total_seconds', 0):.0f} s</p>
 {''.join(summary)}
 {''.join(sections)}
