@@ -4,6 +4,10 @@ All units share the voxel kernel, so the solve is done once: for test samples
 ``decoded = mean + B @ (Y_train - mean)`` with ``B = X_test X^T (X X^T + alpha I)^-1`` (n_test, n_train).
 No (n_voxels, n_units) weight matrix is ever formed; units are processed in chunks.
 
+Decoders are fit on every presentation (as in the paper) or on each image's mean presentation
+(``average_trials``), which regularises them for the trial noise of averaged test inputs rather
+than of single trials.
+
 The ridge penalty is chosen per layer by leave-one-group-out cross-validation from a single SVD of
 the training voxels, grouping the repeated presentations of an image (leaving out one presentation
 while keeping the others would leak the image and favour too small a penalty), or per unit, from
@@ -88,21 +92,21 @@ class KernelRidgeDecoder:
         self.Xz_ = means - shift                                              # (n_images, v)
         self.image_index_, self.counts_ = np.arange(n_images), np.ones(n_images, dtype=np.int64)
         self.U_, self.eig_ = kernel_eigen(self.Xz_)
-        # kernel between each presentation's deviation from its image's mean and the fitted means
-        self.dev_kernel_ = np.empty((len(X), n_images))
+        # kernel (n, n_images) between each presentation's deviation from its image's mean and the means
+        dev_kernel = np.empty((len(X), n_images))
         for s in range(0, len(X), 1024):
             dev = (X[s:s + 1024] - self.mean_) / self.sd_ - self.Xz_[trial_index[s:s + 1024]]
-            self.dev_kernel_[s:s + 1024] = dev @ self.Xz_.T
-        # G = U diag(1 / (eig + alpha)) U' + (I - U U' - 1 1'/n) / alpha (see _group_blocks), the second
-        # part (zero unless there are fewer voxels than images) kept apart: no cancellation at small alpha
-        self.dev_U_ = self.dev_kernel_ @ self.U_                               # (n, r)
-        rows = np.arange(len(X))
+            dev_kernel[s:s + 1024] = dev @ self.Xz_.T
+        # G = U diag(1 / (eig + alpha)) U' + (I - U U' - 1 1'/n) / alpha (see _group_blocks); the second
+        # part is zero unless there are fewer voxels than images
+        self.dev_U_ = dev_kernel @ self.U_                                     # (n, r)
         self.dev_U32_ = self.dev_U_.astype(np.float32)
+        rows = np.arange(len(X))
         self.dev_own_U_ = self.dev_U_ * self.U_[trial_index]                  # (n, r): own image's term
         self.perp_diag_ = np.clip(1.0 - (self.U_ ** 2).sum(1) - 1.0 / n_images, 0.0, None)  # diag(I - U U' - 1 1'/n)
         self.dev_perp_, self.dev_own_perp_ = None, np.zeros(len(X))
-        if self.U_.shape[1] < n_images - 1:                                     # fewer voxels than images
-            self.dev_perp_ = self.dev_kernel_ - self.dev_U_ @ self.U_.T        # (n, n_images)
+        if self.U_.shape[1] < n_images - 1:
+            self.dev_perp_ = dev_kernel - self.dev_U_ @ self.U_.T              # (n, n_images)
             self.dev_own_perp_ = self.dev_perp_[rows, trial_index]
         self.trial_sum_ = scipy.sparse.csr_matrix((np.ones(len(X)), (trial_index, rows)), shape=(n_images, len(X)))
         return self
@@ -200,8 +204,8 @@ class KernelRidgeDecoder:
                 r_bar[img] = resid.mean(1)
                 dev[img] = ((resid - r_bar[img][:, None]) ** 2).sum(1)
             return r_bar, dev
-        # refit without image i: f_-i(x) = k(x)' c - (k(x)' G e_i) c_i / G_ii, with c = G Y (float64:
-        # near interpolation the two terms nearly cancel)
+        # refit without image i: f_-i(x) = k(x)' c - (k(x)' G e_i) c_i / G_ii, with c = G Y (float64 but
+        # for the costly product: float32 there changed the demo subject's scores by under 1e-9)
         Y = np.asarray(Y, np.float64)
         e = 1.0 / (self.eig_ + alpha)
         UtY = self.U_.T @ Y
@@ -210,7 +214,7 @@ class KernelRidgeDecoder:
         g = (self.U_ ** 2) @ e + self.perp_diag_ / alpha                          # diag(G)
         r_bar[:] = GY / g[:, None]
         own = self.dev_own_U_ @ e + self.dev_own_perp_ / alpha                    # (k_dev' G)[own image]
-        fd = (self.dev_U32_ @ (e[:, None] * UtY).astype(np.float32)                # the costly product in float32
+        fd = (self.dev_U32_ @ (e[:, None] * UtY).astype(np.float32)
               - (own / g[self.trial_index_])[:, None] * GY[self.trial_index_])
         if self.dev_perp_ is not None:
             fd += self.dev_perp_ @ Y_perp
