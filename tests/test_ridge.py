@@ -271,3 +271,12 @@ def test_fit_on_image_means_predicts_averaged_inputs_better():
         noise = ((sigma[:, None] * (W @ Yc)) ** 2).sum(0) / R                   # averaged input noise, per unit
         errors[average] = float(np.mean(((Yt - pred) ** 2).sum(0) + len(Yt) * noise))
     assert errors[True] < 0.8 * errors[False], errors    # measured: about half
+
+
+def test_grid_edge_warning_only_where_the_score_still_improves():
+    from brainrecon.pipeline import grid_edge_warning
+    alphas = np.logspace(0, 4, 5)
+    assert grid_edge_warning("conv1_1", alphas, np.array([0.30, 0.29, 0.2, 0.1, 0.0])) is not None   # rising to the edge
+    assert grid_edge_warning("conv1_1", alphas, np.array([0.3004, 0.3, 0.2, 0.1, 0.0])) is None       # flat end
+    assert "penalty 10000 " in grid_edge_warning("conv1_1", alphas, np.array([0.0, 0.1, 0.2, 0.3, 0.4]))
+    assert grid_edge_warning("conv1_1", alphas, np.array([0.1, 0.3, 0.2, 0.1, 0.0])) is None         # inside

@@ -191,6 +191,18 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray((np.clip(image, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
 
 
+def grid_edge_warning(layer: str, alphas: np.ndarray, scores: np.ndarray, tol: float = 1e-3) -> str | None:
+    """A warning if the best penalty is at an end of the grid and the CV R^2 still improves there by
+    more than ``tol`` (a flat end means the penalty hardly matters there); scores (n_alphas,)."""
+    best = int(np.argmax(scores))
+    if len(scores) < 2 or best not in (0, len(scores) - 1):
+        return None
+    if scores[best] - scores[1 if best == 0 else -2] <= tol:
+        return None
+    return (f"  warning: {layer} penalty {alphas[best]:g} is at the edge of the search grid, where the "
+            "cross-validated R^2 still improves: widen alphas")
+
+
 def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, train_labels: list[str],
                  train_images: np.ndarray, sets: list[TestSet], network, layers: list[str], config: PipelineConfig,
                  cache_root: Path, cache: Path, log: Log):
@@ -298,12 +310,8 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
             alphas[layer]["test_alpha"] = test_alpha
             alphas[layer]["test_cv_r2"] = {n: float(v.max()) for n, v in test_scores.items()}
         for sc in {id(v): v for v in [scores, *test_scores.values()]}.values():
-            best = int(np.argmax(sc))
-            edge = best in (0, len(sc) - 1) and len(sc) > 1
-            # at an edge and still improving there (a flat end means the penalty hardly matters)
-            if edge and sc[best] - sc[1 if best == 0 else -2] > 1e-3:
-                log(f"  warning: {layer} penalty {decoder.alphas[best]:g} is at the edge of the search grid, "
-                    "where the cross-validated R^2 still improves: widen alphas")
+            if (warning := grid_edge_warning(layer, decoder.alphas, sc)):
+                log(warning)
         log(f"  {layer}: alpha {alpha:g} (CV R2 {scores.max():.3f})" + ("; averaged test trials: " + ", ".join(
             f"{n} {a:g}" for n, a in test_alpha.items()) if averaged else ""))
         C[layer] = combination_weights(np.vstack([decoder.test_weights(test_X[s.name], test_alpha[s.name])
