@@ -20,6 +20,20 @@ def _refit(X, T, alpha):
     return lambda x: mt + (x - mx) @ W
 
 
+def _expected_scores(sse, n_samples, parts, Rs):
+    """Mean R^2 over units for each R from brute-force residuals: ``sse`` summed over single held-out
+    presentations, ``parts`` per image (mean residual^2, m, trial variance or None when shown once)."""
+    w_bar = np.mean([t for *_, t in parts if t is not None], axis=0)           # images shown once borrow it
+    out = []
+    for R in Rs:
+        if R is None:
+            out.append(np.mean(1 - sse / n_samples))
+            continue
+        err = sum(ms + (1 / R - 1 / m) * (t if t is not None else w_bar) for ms, m, t in parts)
+        out.append(np.mean(1 - err / len(parts)))
+    return out
+
+
 @pytest.mark.parametrize("n_img,v", [(100, 50), (30, 200)])  # more samples than voxels, and fewer
 def test_kernel_ridge_equals_closed_form(n_img, v):
     X, idx, Y, Xt = _problem(n_img, v)
@@ -93,19 +107,13 @@ def test_averaged_cv_equals_brute_force_decomposition():
     Rs = [None, 1, 4, 1e9]
     expected = np.zeros((len(Rs), 2))
     for a, alpha in enumerate(dec.alphas):
-        sse, mean_sq, trial, n_rep = 0.0, [], [], 0
+        sse, parts = 0.0, []
         for i in range(len(Y)):
             test = idx == i
             r = Tn[test] - _refit(Xz[~test], Tn[~test], alpha)(Xz[test])        # (m, k)
             sse = sse + (r ** 2).sum(0)
-            mean_sq.append((r.mean(0) ** 2, len(r), r.var(0, ddof=1) if len(r) > 1 else None))
-        w_bar = np.mean([t for _, m_, t in mean_sq if t is not None], axis=0)  # images shown once borrow it
-        for j, R in enumerate(Rs):
-            if R is None:
-                expected[j, a] = np.mean(1 - sse / len(T))
-                continue
-            err = sum(ms + (1 / R - 1 / m_) * (t if t is not None else w_bar) for ms, m_, t in mean_sq)
-            expected[j, a] = np.mean(1 - err / len(Y))
+            parts.append((r.mean(0) ** 2, len(r), r.var(0, ddof=1) if len(r) > 1 else None))
+        expected[:, a] = _expected_scores(sse, len(T), parts, Rs)
     np.testing.assert_allclose(dec.cv_scores_averaged(Y, Rs), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dec.cv_scores(Y, 4), expected[2], rtol=1e-4, atol=1e-5)
 
@@ -235,13 +243,7 @@ def test_fit_on_image_means_cv_scores_every_held_out_presentation(v):
             sse = sse + (r ** 2).sum(0)
             parts.append(((Yn[i] - f(A[i])) ** 2, len(r), r.var(0, ddof=1) if len(r) > 1 else None))
             unit_sse[a] += ((Yc[i] - _refit(A[keep], Yc[keep], alpha)(Z[idx == i])) ** 2).sum(0)   # unscaled units
-        w_bar = np.mean([t for *_, t in parts if t is not None], axis=0)
-        for j, R in enumerate(Rs):
-            if R is None:
-                expected[j, a] = np.mean(1 - sse / len(idx))
-                continue
-            err = sum(ms + (1 / R - 1 / m_) * (t if t is not None else w_bar) for ms, m_, t in parts)
-            expected[j, a] = np.mean(1 - err / len(Y))
+        expected[:, a] = _expected_scores(sse, len(idx), parts, Rs)
     np.testing.assert_allclose(dec.cv_scores_averaged(Y, Rs), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dec.unit_cv_errors(dec.loo_matrices([0, 1, 2, 3]), Y), unit_sse, rtol=1e-3)
 

@@ -173,8 +173,7 @@ class KernelRidgeDecoder:
         m = self.trial_counts_
         n_trial = int((m > 1).sum())
         scores = np.empty((len(n_averages), len(self.alphas)))
-        for a in range(len(self.alphas)):
-            r_bar, dev = self._loo_residuals(a, Y)
+        for a, (r_bar, dev) in enumerate(self._loo_residuals(Y)):
             sse = (m[:, None] * r_bar ** 2 + dev).sum(0)                          # single presentations
             w = dev[m > 1] / (m[m > 1, None] - 1)                                 # unbiased trial variance
             for j, R in enumerate(n_averages):
@@ -187,39 +186,42 @@ class KernelRidgeDecoder:
                 scores[j, a] = np.mean(1.0 - err / self.n_images_)
         return scores
 
-    def _loo_residuals(self, a: int, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Leave-one-image-out residuals at ``alphas[a]`` of targets Y (fit rows, k): per image, the
-        residual of its mean presentation (n_images, k) and the sum over its presentations of squared
-        deviations from it (n_images, k)."""
-        alpha = self.alphas[a]
-        r_bar = np.empty((self.n_images_, Y.shape[1]))
-        dev = np.zeros((self.n_images_, Y.shape[1]))
+    def _loo_residuals(self, Y: np.ndarray):
+        """Leave-one-image-out residuals of targets Y (fit rows, k), one item per penalty: per image,
+        the residual of its mean presentation (n_images, k) and the sum over its presentations of
+        squared deviations from it (n_images, k). What does not depend on the penalty is done once."""
+        shape = (self.n_images_, Y.shape[1])
         if not self.averaged_:
             U = self.U_.astype(np.float32)
-            d = (1.0 / (self.eig_ + alpha) - 1.0 / alpha).astype(np.float32)
-            GY = Y / np.float32(alpha) + U @ (d[:, None] * (U.T @ Y))              # G @ Y
-            for m, (idx, blk) in self._group_blocks().items():
-                resid = np.linalg.solve(blk[a], GY[idx].astype(np.float64))        # (n_groups, m, k)
-                img = self.image_index_[idx[:, 0]]
-                r_bar[img] = resid.mean(1)
-                dev[img] = ((resid - r_bar[img][:, None]) ** 2).sum(1)
-            return r_bar, dev
+            UtY = U.T @ Y
+            for a, alpha in enumerate(self.alphas):
+                d = (1.0 / (self.eig_ + alpha) - 1.0 / alpha).astype(np.float32)
+                GY = Y / np.float32(alpha) + U @ (d[:, None] * UtY)                   # G @ Y
+                r_bar, dev = np.empty(shape), np.empty(shape)
+                for m, (idx, blk) in self._group_blocks().items():
+                    resid = np.linalg.solve(blk[a], GY[idx].astype(np.float64))    # (n_groups, m, k)
+                    img = self.image_index_[idx[:, 0]]
+                    r_bar[img] = resid.mean(1)
+                    dev[img] = ((resid - r_bar[img][:, None]) ** 2).sum(1)
+                yield r_bar, dev
+            return
         # refit without image i: f_-i(x) = k(x)' c - (k(x)' G e_i) c_i / G_ii, with c = G Y (float64 but
         # for the costly product: float32 there changed the demo subject's scores by under 1e-9)
         Y = np.asarray(Y, np.float64)
-        e = 1.0 / (self.eig_ + alpha)
         UtY = self.U_.T @ Y
-        Y_perp = (Y - self.U_ @ UtY) / alpha
-        GY = self.U_ @ (e[:, None] * UtY) + Y_perp
-        g = (self.U_ ** 2) @ e + self.perp_diag_ / alpha                          # diag(G)
-        r_bar[:] = GY / g[:, None]
-        own = self.dev_own_U_ @ e + self.dev_own_perp_ / alpha                    # (k_dev' G)[own image]
-        fd = (self.dev_U32_ @ (e[:, None] * UtY).astype(np.float32)
-              - (own / g[self.trial_index_])[:, None] * GY[self.trial_index_])
-        if self.dev_perp_ is not None:
-            fd += self.dev_perp_ @ Y_perp
-        dev[:] = self.trial_sum_ @ fd ** 2                                        # prediction from each deviation
-        return r_bar, dev
+        Y_rest = Y - self.U_ @ UtY                                                # outside the span of U
+        U_sq = self.U_ ** 2
+        for alpha in self.alphas:
+            e = 1.0 / (self.eig_ + alpha)
+            GY = self.U_ @ (e[:, None] * UtY) + Y_rest / alpha
+            g = U_sq @ e + self.perp_diag_ / alpha                                # diag(G)
+            r_bar = GY / g[:, None]
+            own = self.dev_own_U_ @ e + self.dev_own_perp_ / alpha                # (k_dev' G)[own image]
+            fd = (self.dev_U32_ @ (e[:, None] * UtY).astype(np.float32)
+                  - (own / g[self.trial_index_])[:, None] * GY[self.trial_index_])
+            if self.dev_perp_ is not None:
+                fd += self.dev_perp_ @ Y_rest / alpha
+            yield r_bar, self.trial_sum_ @ fd ** 2                               # prediction from each deviation
 
     def loo_matrices(self, alpha_indices: list[int], image_weights: np.ndarray | None = None) -> np.ndarray:
         """P (a, n_images, n_images): per-unit leave-one-image-out errors as quadratic forms.
@@ -231,43 +233,47 @@ class KernelRidgeDecoder:
         penalty, then 2 n_images^2 flops per unit and penalty (:meth:`unit_cv_errors`).
         """
         w = self.image_weights() if image_weights is None else np.asarray(image_weights, np.float64)
-        out = np.empty((len(alpha_indices), self.n_images_, self.n_images_), np.float32)
-        for j, a in enumerate(alpha_indices):
-            out[j] = 0.0
-            for M in self._loo_residual_operators(a):
+        out = np.zeros((len(alpha_indices), self.n_images_, self.n_images_), np.float32)
+        for j, operators in enumerate(self._loo_residual_operators(alpha_indices)):
+            for M in operators:
                 M = M - M.sum(1, keepdims=True) * w[None, :]                    # targets centred: t - 1 w't
                 out[j] += M.T @ M
         return out
 
-    def _loo_residual_operators(self, a: int) -> list[np.ndarray]:
-        """Matrices M whose stacked products M t (t: a unit's targets per image) are the unit's
-        leave-one-image-out residuals, one row per training presentation, at ``alphas[a]`` (the squared
-        error summed over presentations is sum ||M t||^2)."""
-        alpha = self.alphas[a]
-        d = 1.0 / (self.eig_ + alpha) - 1.0 / alpha
+    def _loo_residual_operators(self, alpha_indices: list[int]):
+        """Per penalty ``alphas[a]``, matrices M whose stacked products M t (t: a unit's targets per
+        image) are the unit's leave-one-image-out residuals, one row per training presentation (the
+        squared error summed over presentations is sum ||M t||^2)."""
         if not self.averaged_:
             n = len(self.image_index_)
-            W = np.zeros((self.n_images_, self.U_.shape[1]))
-            np.add.at(W, self.image_index_, self.U_)                            # S' U (n_images, r)
-            GS = (self.U_ * d) @ W.T                                            # G S = S / alpha + U D U' S
-            GS[np.arange(n), self.image_index_] += 1.0 / alpha
-            GS -= self.counts_[None, :] / (n * alpha)                           # the intercept: 1' G 1 = 0
-            F = np.empty_like(GS)
-            for idx, blk in self._group_blocks().values():                      # residual of each left-out image
-                F[idx] = np.linalg.solve(blk[a], GS[idx])
-            return [F]
+            SU = np.zeros((self.n_images_, self.U_.shape[1]))
+            np.add.at(SU, self.image_index_, self.U_)                           # S' U (n_images, r)
+            for a in alpha_indices:
+                alpha = self.alphas[a]
+                d = 1.0 / (self.eig_ + alpha) - 1.0 / alpha
+                GS = (self.U_ * d) @ SU.T                                       # G S = S / alpha + U D U' S
+                GS[np.arange(n), self.image_index_] += 1.0 / alpha
+                GS -= self.counts_[None, :] / (n * alpha)                       # the intercept: 1' G 1 = 0
+                F = np.empty_like(GS)
+                for idx, blk in self._group_blocks().values():                  # residual of each left-out image
+                    F[idx] = np.linalg.solve(blk[a], GS[idx])
+                yield [F]
+            return
         # averaged fit: a presentation's residual is that of its image's mean minus the prediction from its deviation
-        e = 1.0 / (self.eig_ + alpha)
-        G = (self.U_ * e) @ self.U_.T + (np.eye(self.n_images_) - self.U_ @ self.U_.T - 1.0 / self.n_images_) / alpha
-        g = np.diag(G).copy()
-        F = G / g[:, None]                                                      # mean presentations' residuals
-        H = (self.dev_U_ * e) @ self.U_.T                                         # k_dev' G
-        if self.dev_perp_ is not None:
-            H += self.dev_perp_ / alpha
-        own = self.dev_own_U_ @ e + self.dev_own_perp_ / alpha
-        H -= (own / g[self.trial_index_])[:, None] * G[self.trial_index_]
-        # sum_j ||r_bar - f_j||^2 = m ||r_bar||^2 + sum_j ||f_j||^2 (the deviations sum to zero)
-        return [F * np.sqrt(self.trial_counts_)[:, None], H]
+        rest = np.eye(self.n_images_) - self.U_ @ self.U_.T - 1.0 / self.n_images_
+        sqrt_m = np.sqrt(self.trial_counts_)[:, None]
+        for a in alpha_indices:
+            alpha = self.alphas[a]
+            e = 1.0 / (self.eig_ + alpha)
+            G = (self.U_ * e) @ self.U_.T + rest / alpha
+            g = np.diag(G).copy()
+            H = (self.dev_U_ * e) @ self.U_.T                                     # k_dev' G
+            if self.dev_perp_ is not None:
+                H += self.dev_perp_ / alpha
+            own = self.dev_own_U_ @ e + self.dev_own_perp_ / alpha
+            H -= (own / g[self.trial_index_])[:, None] * G[self.trial_index_]
+            # sum_j ||r_bar - f_j||^2 = m ||r_bar||^2 + sum_j ||f_j||^2 (the deviations sum to zero)
+            yield [G / g[:, None] * sqrt_m, H]
 
     @staticmethod
     def unit_cv_errors(P: np.ndarray, Y_images: np.ndarray, chunk: int = 4096) -> np.ndarray:
