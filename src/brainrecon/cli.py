@@ -348,5 +348,112 @@ def download(names: Optional[list[str]] = typer.Argument(None, help="artefacts, 
         typer.echo(str(p))
 
 
+judge_app = typer.Typer(no_args_is_help=True, help="Human judgment: raters pick which of two stimuli a "
+                        "reconstruction resembles (the paper's second measure; chance 50%).")
+app.add_typer(judge_app, name="judge")
+JUDGE = {
+    "pairs_per_image": typer.Option(None, help="distractors per reconstruction, drawn at random (default: every "
+                                               "other image of its test set)"),
+    "seed": typer.Option(0, help="seed of the distractor draw and of each rater's trial order"),
+    "which": typer.Option("decoded", help="reconstructions to judge: decoded (from fMRI) or true (from true features)"),
+    "images": typer.Option(None, help="stimulus folder (default: the one recorded in the run's run.json)"),
+}
+
+
+def _judge_inputs(run_dir: Path, images: Optional[Path], which: str, pairs_per_image: Optional[int], seed: int):
+    from .evaluate.judgment import JudgmentError, make_trials, run_images
+    try:
+        imgs = run_images(run_dir, images, which)
+        return imgs, make_trials(imgs.labels, pairs_per_image, seed)
+    except JudgmentError as e:
+        _fail(str(e))
+
+
+def _default_answers(run_dir: Path, which: str) -> Path:
+    return run_dir / "judgments" / ("answers.jsonl" if which == "decoded" else f"answers_{which}.jsonl")
+
+
+@judge_app.command()
+def serve(run_dir: Path = typer.Argument(..., help="folder of a finished run or demo"),
+          port: int = typer.Option(8000, help="port (0: any free one)"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: raters on the local network)"),
+          answers: Optional[Path] = typer.Option(None, help="answers file, appended to (default: "
+                                                            "RUN_DIR/judgments/answers.jsonl)"),
+          pairs_per_image: Optional[int] = JUDGE["pairs_per_image"], seed: int = JUDGE["seed"],
+          which: str = JUDGE["which"], images: Optional[Path] = JUDGE["images"]):
+    """Serve the judgment page: each rater enters a name and judges the run's trials in an order of their own."""
+    from .evaluate.judgment import JudgmentError
+    from .evaluate.judgment_app import JudgmentSession, make_server
+
+    imgs, trials = _judge_inputs(run_dir, images, which, pairs_per_image, seed)
+    answers = answers or _default_answers(run_dir, which)
+    try:
+        session = JudgmentSession(imgs, trials, answers, seed)
+        server = make_server(session, host, port)
+    except (JudgmentError, OSError) as e:
+        _fail(str(e))
+    sets = ", ".join(f"{s} {len(v)}" for s, v in imgs.labels.items())
+    err.print(f"{len(trials)} trials per rater ({sets} reconstructions); answers -> {answers}")
+    err.print(f"open http://{host}:{server.server_address[1]}/ in a browser; Ctrl-C stops (raters resume later)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        err.print(f"stopped; score with: brainrecon judge score {run_dir}")
+    finally:
+        server.server_close()
+
+
+@judge_app.command()
+def export(run_dir: Path = typer.Argument(..., help="folder of a finished run or demo"),
+           rater: str = typer.Option(..., help="the rater this page is for (it fixes their trial order)"),
+           out: Path = typer.Option(..., help="HTML file to write"),
+           pairs_per_image: Optional[int] = JUDGE["pairs_per_image"], seed: int = JUDGE["seed"],
+           which: str = JUDGE["which"], images: Optional[Path] = JUDGE["images"]):
+    """Write a self-contained judgment page for one rater; they send back the answers file it downloads."""
+    from .evaluate.judgment_app import export_page
+
+    imgs, trials = _judge_inputs(run_dir, images, which, pairs_per_image, seed)
+    path = export_page(imgs, trials, rater.strip(), out, seed)
+    err.print(f"{path}: {len(trials)} trials for {rater}; score their answers with: "
+              f"brainrecon judge score {run_dir} --answers answers-{rater}.jsonl")
+
+
+@judge_app.command()
+def score(run_dir: Path = typer.Argument(..., help="folder of the run the judgments are of"),
+          answers: Optional[list[Path]] = typer.Option(None, help="answers file(s) (default: "
+                                                                  "RUN_DIR/judgments/answers.jsonl)"),
+          pairs_per_image: Optional[int] = JUDGE["pairs_per_image"], seed: int = JUDGE["seed"],
+          which: str = JUDGE["which"], images: Optional[Path] = JUDGE["images"]):
+    """Score judgments per test set; write RUN_DIR/human_judgment.json and add the scores to metrics.json."""
+    import json
+
+    from .evaluate.judgment import JudgmentError, read_answers, score_answers
+
+    imgs, trials = _judge_inputs(run_dir, images, which, pairs_per_image, seed)
+    try:
+        scores = score_answers(trials, read_answers(answers or [_default_answers(run_dir, which)]))
+    except JudgmentError as e:
+        _fail(str(e))
+    if not scores:
+        _fail("the answers files hold no judgments")
+    suffix = "" if which == "decoded" else "_true_features"
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    typer.echo(f"{'test set':<12}{'human':>8}{'95% CI':>16}{'judgments':>11}{'raters':>8}{'covered':>9}{'pixel':>8}")
+    for name, s in scores.items():
+        m = metrics.setdefault(name, {})
+        m.update({f"human_identification{suffix}": s["human_identification"],
+                  f"human_identification{suffix}_ci95": s["ci95"], f"human_n_judgments{suffix}": s["n_judgments"]})
+        pixel = m.get(f"pixel_identification{suffix}")
+        ci = f"{s['ci95'][0]:.1%}-{s['ci95'][1]:.1%}"
+        typer.echo(f"{name:<12}{s['human_identification']:>8.1%}{ci:>16}"
+                   f"{s['n_judgments']:>11}{s['n_raters']:>8}{s['trials_covered']:>9.0%}"
+                   f"{'' if pixel is None else f'{pixel:.1%}':>8}")
+    out = run_dir / f"human_judgment{suffix}.json"
+    out.write_text(json.dumps(scores, indent=1))
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    err.print(f"wrote {out} and {metrics_path}")
+
+
 def main() -> None:  # pragma: no cover
     app()

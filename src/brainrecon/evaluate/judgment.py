@@ -1,0 +1,196 @@
+"""Human-judgment identification (the paper's second measure of reconstruction quality).
+
+A rater sees a reconstruction and two candidates, its own stimulus and another image of the same
+test set, and picks the one the reconstruction resembles. Accuracy is the fraction of correct
+picks over all judgments; chance is 0.5. With every ordered pair of a test set judged once, a rater
+who picks by pixel correlation scores exactly the pixel-correlation identification
+(:func:`~brainrecon.evaluate.identification.pairwise_identification`, ties aside).
+
+This module holds what does not depend on how trials are shown: the trials of a run folder, the
+answers file (JSON lines, one judgment per line, appended as they come, so a session can stop and
+resume) and the scores. :mod:`~brainrecon.evaluate.judgment_app` shows the trials in a browser.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binomtest
+
+from ..data.stimuli import find_images
+
+RECON_FOLDERS = {"decoded": "recon", "true": "recon_true_features"}
+
+
+class JudgmentError(ValueError):
+    """A run folder or answers file that cannot be judged or scored (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One judgment: the reconstruction of ``label`` against its stimulus and ``distractor``'s."""
+    test_set: str
+    label: str
+    distractor: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.test_set}/{self.label}/{self.distractor}"
+
+
+@dataclass
+class RunImages:
+    """Where a run's reconstructions and stimuli are: ``recon[set][label]``, ``stimuli[set][label]`` (paths)."""
+    recon: dict[str, dict[str, Path]]
+    stimuli: dict[str, dict[str, Path]]
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        return {s: list(v) for s, v in self.recon.items()}
+
+
+def run_images(run_dir: Path, images: Path | None = None, which: str = "decoded",
+               sets: list[str] | None = None) -> RunImages:
+    """The reconstructions (``which``: decoded or true features) and stimuli of a run folder.
+
+    ``images``: the stimulus folder; default the one recorded in the run's ``run.json``.
+    """
+    run_dir = Path(run_dir)
+    if which not in RECON_FOLDERS:
+        raise JudgmentError(f"unknown reconstructions {which!r}: use one of {', '.join(RECON_FOLDERS)}")
+    folder = run_dir / RECON_FOLDERS[which]
+    if not folder.is_dir():
+        raise JudgmentError(f"{folder} does not exist: judge the folder of a finished `brainrecon run` or "
+                            "`brainrecon demo` (it holds recon/<test set>/<label>.png)")
+    if images is None:
+        info = run_dir / "run.json"
+        if not info.is_file():
+            raise JudgmentError(f"{info} is missing, so the stimulus folder is unknown: pass --images DIR")
+        images = Path(json.loads(info.read_text())["images"])
+    recon = {d.name: {p.stem: p for p in sorted(d.glob("*.png"))} for d in sorted(folder.iterdir()) if d.is_dir()}
+    recon = {s: v for s, v in recon.items() if v and (sets is None or s in sets)}
+    if sets is not None and set(sets) - set(recon):
+        raise JudgmentError(f"no reconstructions of {', '.join(sorted(set(sets) - set(recon)))} in {folder}; "
+                            f"it holds {', '.join(recon) or 'none'}")
+    if not recon:
+        raise JudgmentError(f"no reconstructions (<test set>/<label>.png) in {folder}")
+    few = [s for s, v in recon.items() if len(v) < 2]
+    if few:
+        raise JudgmentError(f"test set(s) {', '.join(few)} in {folder} hold fewer than two reconstructions: "
+                            "a judgment needs another image of the same set")
+    try:
+        stimuli = {s: find_images(Path(images), list(v)) for s, v in recon.items()}
+    except FileNotFoundError as e:
+        raise JudgmentError(f"{e} (stimulus folder of {run_dir}; pass --images DIR if it moved)") from None
+    return RunImages(recon, stimuli)
+
+
+def make_trials(labels: dict[str, list[str]], pairs_per_image: int | None = None, seed: int = 0) -> list[Trial]:
+    """Trials for every reconstruction: all other images of its set as distractors, or
+    ``pairs_per_image`` of them drawn at random (seeded), in set and label order."""
+    rng = np.random.default_rng(seed)
+    trials = []
+    for test_set, labs in labels.items():
+        for label in labs:
+            others = [o for o in labs if o != label]
+            if pairs_per_image is not None and pairs_per_image < len(others):
+                if pairs_per_image < 1:
+                    raise JudgmentError("pairs per image must be at least 1")
+                others = [others[i] for i in sorted(rng.choice(len(others), pairs_per_image, replace=False))]
+            trials += [Trial(test_set, label, o) for o in others]
+    return trials
+
+
+def _rater_seed(rater: str, seed: int) -> int:
+    return zlib.crc32(f"{seed}:{rater}".encode())
+
+
+def rater_order(trials: list[Trial], rater: str, seed: int = 0) -> list[tuple[Trial, bool]]:
+    """The trials in this rater's own random order, each with whether its stimulus is shown on the
+    left; the same for the same rater and seed (so an interrupted session resumes as it was)."""
+    rng = np.random.default_rng(_rater_seed(rater, seed))
+    order = rng.permutation(len(trials))
+    left = rng.random(len(trials)) < 0.5
+    return [(trials[i], bool(left[i])) for i in order]
+
+
+def answer_record(trial: Trial, rater: str, choice: str, stimulus_left: bool, rt_ms: float | None = None) -> dict:
+    """One line of the answers file; raises :class:`JudgmentError` if ``choice`` is not a candidate."""
+    if choice not in (trial.label, trial.distractor):
+        raise JudgmentError(f"choice {choice!r} is not a candidate of trial {trial.id}")
+    return {"trial": trial.id, **asdict(trial), "rater": rater, "choice": choice,
+            "correct": choice == trial.label, "stimulus_left": stimulus_left,
+            "rt_ms": None if rt_ms is None else round(float(rt_ms))}
+
+
+def read_answers(paths: list[Path] | Path) -> list[dict]:
+    """All judgments of one or more answers files (JSON lines); a bad line raises naming file and line."""
+    out = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        path = Path(path)
+        if not path.is_file():
+            raise JudgmentError(f"answers file {path} does not exist")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                rec["trial"], rec["rater"], rec["choice"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise JudgmentError(f"{path}, line {n}: not a judgment (a JSON object with trial, rater and "
+                                    "choice); remove the line or fix it") from None
+            out.append(rec)
+    return out
+
+
+def _wilson(k: int, n: int) -> list[float]:
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def score_answers(trials: list[Trial], answers: list[dict]) -> dict[str, dict]:
+    """Scores per test set from judgments of ``trials``.
+
+    Each rater's first judgment of a trial counts; judgments of unknown trials raise (the answers
+    belong to another run or another draw of pairs). Returns, per set: ``human_identification``
+    (fraction correct over judgments), ``n_judgments``, ``n_raters``, ``ci95`` (Wilson interval),
+    ``trials_covered`` (fraction of the set's trials judged at least once), ``per_rater`` and
+    ``per_image`` (fraction correct).
+    """
+    by_id = {t.id: t for t in trials}
+    seen: set[tuple[str, str]] = set()
+    rows: dict[str, list[tuple[str, str, bool, str]]] = {}
+    for rec in answers:
+        t = by_id.get(rec["trial"])
+        if t is None:
+            raise JudgmentError(f"judgment of trial {rec['trial']!r} (rater {rec['rater']!r}) is not a trial of "
+                                "this run: score answers with the run and --pairs-per-image/--seed they were made with")
+        if rec["choice"] not in (t.label, t.distractor):
+            raise JudgmentError(f"judgment of trial {t.id} by {rec['rater']!r} chose {rec['choice']!r}, "
+                                "not one of its candidates")
+        key = (rec["rater"], t.id)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.setdefault(t.test_set, []).append((rec["rater"], t.label, rec["choice"] == t.label, t.id))
+    n_trials: dict[str, int] = {}
+    for t in trials:
+        n_trials[t.test_set] = n_trials.get(t.test_set, 0) + 1
+    out = {}
+    for test_set in [s for s in n_trials if s in rows]:        # in the trials' order
+        r = rows[test_set]
+        correct = np.array([c for _, _, c, _ in r])
+        k, n = int(correct.sum()), len(correct)
+
+        def frac(key):
+            groups: dict[str, list[bool]] = {}
+            for row in r:
+                groups.setdefault(row[key], []).append(row[2])
+            return {g: float(np.mean(v)) for g, v in sorted(groups.items())}
+        out[test_set] = {"human_identification": k / n, "n_judgments": n, "n_raters": len({x[0] for x in r}),
+                         "ci95": _wilson(k, n), "trials_covered": len({x[3] for x in r}) / n_trials[test_set],
+                         "per_rater": frac(0), "per_image": frac(1)}
+    return out
