@@ -50,7 +50,11 @@ def test_end_to_end_tiny(small_subject, tmp_path):
     assert metrics["shapes"]["pixel_identification"] > 0.58
     assert metrics["shapes"]["pixel_identification_true_features"] > 0.9
     assert metrics["shapes"]["feature_decoding"]["conv3_1"]["feature_identification"] > 0.7
+    # resemblance to the own stimulus: from true features closer than from fMRI, both above nothing
+    for key in ("pixel_correlation", "ssim"):
+        assert metrics["shapes"][f"{key}_true_features"] > metrics["shapes"][key] > 0.0
     html = (out / "report.html").read_text()
+    assert "<th>SSIM</th>" in html
     assert html.count("data:image/png;base64,") > 2 * (6 + 40 + 10) and "test-retest" in html
     assert "(single trials " in html                       # the layer table shows the penalties used
     assert "decoders fit on each image's mean presentation" in html

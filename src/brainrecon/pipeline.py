@@ -27,6 +27,7 @@ from .decode.ridge import DEFAULT_ALPHAS, KernelRidgeDecoder, unit_r2
 from .evaluate.decoding import decoding_accuracy
 from .evaluate.identification import pairwise_identification
 from .evaluate.reliability import retest_reliability
+from .evaluate.similarity import pixel_correlation, ssim
 from .nets import load_network
 from .nets.features import extract_features
 from .recon.icnn import ReconConfig, display_normalise, reconstruct
@@ -523,6 +524,8 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
         ident = pairwise_identification(recon_images[s.name]["decoded"], s.images)
         entry = {
             "pixel_identification": float(ident.mean()),
+            "pixel_correlation": float(pixel_correlation(recon_images[s.name]["decoded"], s.images).mean()),
+            "ssim": float(ssim(recon_images[s.name]["decoded"], s.images).mean()),
             "n_images": len(s.labels),
             "n_presentations": s.n_presentations,
             "feature_decoding": decoding[s.name],
@@ -530,8 +533,10 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
             "test_retest_median_r": reliability_by_roi(s.path, s.fmri),
         }
         if config.true_feature_recon:
-            entry["pixel_identification_true_features"] = float(
-                pairwise_identification(recon_images[s.name]["true"], s.images).mean())
+            true = recon_images[s.name]["true"]
+            entry["pixel_identification_true_features"] = float(pairwise_identification(true, s.images).mean())
+            entry["pixel_correlation_true_features"] = float(pixel_correlation(true, s.images).mean())
+            entry["ssim_true_features"] = float(ssim(true, s.images).mean())
         metrics[s.name] = entry
         log(f"  pixel identification {entry['pixel_identification']:.3f}" +
             (f" (true features {entry['pixel_identification_true_features']:.3f})" if config.true_feature_recon else ""))

@@ -95,21 +95,32 @@ def _evolution(labels: list[str], stimuli: np.ndarray, recons: dict, shown: int 
             + image_grid(rows, labels[:k]) + "</details>")
 
 
+def _pair(m: dict, key: str) -> str:
+    """'decoded (true features)' of a similarity score, or '' if not measured (older runs)."""
+    if key not in m:
+        return ""
+    true = m.get(f"{key}_true_features")
+    return f"{m[key]:.3f}" + ("" if true is None else f" ({true:.3f})")
+
+
 def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) -> None:
     """``sets``: {name: (labels, stimuli (n, 3, H, W), {"decoded": images, "true": images,
     "snapshots": {iteration: images}})}, the last two optional."""
     summary = ["<table><tr><th>test set</th><th>images</th><th>presentations</th>"
                "<th>pixel identification (decoded)</th><th>pixel identification (true features)</th>"
-               "<th>voxel test-retest r</th></tr>"]
+               "<th>pixel r</th><th>SSIM</th><th>voxel test-retest r</th></tr>"]
     for name, m in metrics.items():
         true = m.get("pixel_identification_true_features")
         summary.append(f"<tr><td>{html.escape(name)}</td><td>{m['n_images']}</td><td>{m['n_presentations']:g}</td>"
                        f"<td class='big'>{m['pixel_identification']:.1%}</td>"
-                       f"<td>{'' if true is None else f'{true:.1%}'}</td><td>{_analysed_r(m)}</td></tr>")
+                       f"<td>{'' if true is None else f'{true:.1%}'}</td>"
+                       f"<td>{_pair(m, 'pixel_correlation')}</td><td>{_pair(m, 'ssim')}</td><td>{_analysed_r(m)}</td></tr>")
     summary.append("</table><p class='sub'>Pairwise identification by pixel correlation: the fraction of "
                    "other test images that the reconstruction resembles less than its own stimulus (chance 50%). "
                    "Reconstructions from the true features of each image bound what the reconstruction stage can "
-                   "reach; the gap to the decoded row is lost in decoding. Voxel test-retest r: the median over voxels "
+                   "reach; the gap to the decoded row is lost in decoding. Pixel r and SSIM (greyscale, Gaussian window "
+                   "sigma 1.5): the mean resemblance of each reconstruction to its own stimulus, from fMRI "
+                   "(true features in brackets). Voxel test-retest r: the median over voxels "
                    "of the analysed ROI of the correlation, across images, between two single presentations "
                    "(per-ROI values under each test set).</p>")
 
