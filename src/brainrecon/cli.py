@@ -390,8 +390,10 @@ def serve(run_dir: Path = typer.Argument(..., help="folder of a finished run or 
     try:
         session = JudgmentSession(imgs, trials, answers, seed)
         server = make_server(session, host, port)
-    except (JudgmentError, OSError) as e:
+    except JudgmentError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port")
     sets = ", ".join(f"{s} {len(v)}" for s, v in imgs.labels.items())
     err.print(f"{len(trials)} trials per rater ({sets} reconstructions); answers -> {answers}")
     err.print(f"open http://{host}:{server.server_address[1]}/ in a browser; Ctrl-C stops (raters resume later)")

@@ -138,10 +138,11 @@ def read_answers(paths: list[Path] | Path) -> list[dict]:
                 continue
             try:
                 rec = json.loads(line)
-                rec["trial"], rec["rater"], rec["choice"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except json.JSONDecodeError:
+                rec = None
+            if not isinstance(rec, dict) or not {"trial", "rater", "choice"} <= rec.keys():
                 raise JudgmentError(f"{path}, line {n}: not a judgment (a JSON object with trial, rater and "
-                                    "choice); remove the line or fix it") from None
+                                    "choice); remove the line or fix it")
             out.append(rec)
     return out
 
