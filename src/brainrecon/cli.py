@@ -412,10 +412,14 @@ def export(run_dir: Path = typer.Argument(..., help="folder of a finished run or
            pairs_per_image: Optional[int] = JUDGE["pairs_per_image"], seed: int = JUDGE["seed"],
            which: str = JUDGE["which"], images: Optional[Path] = JUDGE["images"]):
     """Write a self-contained judgment page for one rater; they send back the answers file it downloads."""
+    from .evaluate.judgment import JudgmentError
     from .evaluate.judgment_app import export_page
 
     imgs, trials = _judge_inputs(run_dir, images, which, pairs_per_image, seed)
-    path = export_page(imgs, trials, rater.strip(), out, seed)
+    try:
+        path = export_page(imgs, trials, rater.strip(), out, seed)
+    except JudgmentError as e:
+        _fail(str(e))
     err.print(f"{path}: {len(trials)} trials for {rater}; score their answers with: "
               f"brainrecon judge score {run_dir} --answers answers-{rater}.jsonl")
 
@@ -452,7 +456,7 @@ def score(run_dir: Path = typer.Argument(..., help="folder of the run the judgme
                    f"{s['n_judgments']:>11}{s['n_raters']:>8}{s['trials_covered']:>9.0%}"
                    f"{'' if pixel is None else f'{pixel:.1%}':>8}")
     out = run_dir / f"human_judgment{suffix}.json"
-    out.write_text(json.dumps(scores, indent=1))
+    out.write_text(json.dumps(scores, indent=2))
     metrics_path.write_text(json.dumps(metrics, indent=2))
     err.print(f"wrote {out} and {metrics_path}")
 

@@ -521,11 +521,12 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                         _save_png(img, out / "recon_snapshots" / s.name / lab / f"iter{it:05d}.png")
 
         log.stage(f"evaluating '{s.name}'")
-        ident = pairwise_identification(recon_images[s.name]["decoded"], s.images)
+        decoded_images = recon_images[s.name]["decoded"]
+        ident = pairwise_identification(decoded_images, s.images)
         entry = {
             "pixel_identification": float(ident.mean()),
-            "pixel_correlation": float(pixel_correlation(recon_images[s.name]["decoded"], s.images).mean()),
-            "ssim": float(ssim(recon_images[s.name]["decoded"], s.images).mean()),
+            "pixel_correlation": float(pixel_correlation(decoded_images, s.images).mean()),
+            "ssim": float(ssim(decoded_images, s.images).mean()),
             "n_images": len(s.labels),
             "n_presentations": s.n_presentations,
             "feature_decoding": decoding[s.name],

@@ -122,7 +122,8 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
                    "sigma 1.5): the mean resemblance of each reconstruction to its own stimulus, from fMRI "
                    "(true features in brackets). Voxel test-retest r: the median over voxels "
                    "of the analysed ROI of the correlation, across images, between two single presentations "
-                   "(per-ROI values under each test set).</p>")
+                   "(per-ROI values under each test set). Human judgment of these reconstructions in the browser: "
+                   "<code>brainrecon judge serve RUN_FOLDER</code>.</p>")
 
     sections = []
     for name, (labels, stimuli, recons) in sets.items():
