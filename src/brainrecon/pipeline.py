@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -22,7 +21,7 @@ from pydantic import BaseModel, Field
 from . import __version__
 from .data.bdata import FmriData, read_fmri, roi_keys
 from .data.stimuli import load_stimulus_set
-from .decode.rescale import channel_sd, rescale_decoded
+from .decode.rescale import rescale_decoded
 from .decode.ridge import DEFAULT_ALPHAS, KernelRidgeDecoder, unit_r2
 from .evaluate.decoding import decoding_accuracy
 from .evaluate.identification import pairwise_identification

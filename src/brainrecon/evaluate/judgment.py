@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,6 +153,14 @@ def _wilson(k: int, n: int) -> list[float]:
     return [float(ci.low), float(ci.high)]
 
 
+def _fraction_correct(rows: list[tuple[str, str, bool, str]], column: int) -> dict[str, float]:
+    """Fraction correct per value of ``rows``' column (0: rater, 1: label); rows (rater, label, correct, trial)."""
+    groups: dict[str, list[bool]] = {}
+    for row in rows:
+        groups.setdefault(row[column], []).append(row[2])
+    return {g: float(np.mean(v)) for g, v in sorted(groups.items())}
+
+
 def score_answers(trials: list[Trial], answers: list[dict]) -> dict[str, dict]:
     """Scores per test set from judgments of ``trials``.
 
@@ -163,7 +172,7 @@ def score_answers(trials: list[Trial], answers: list[dict]) -> dict[str, dict]:
     """
     by_id = {t.id: t for t in trials}
     seen: set[tuple[str, str]] = set()
-    rows: dict[str, list[tuple[str, str, bool, str]]] = {}
+    rows: dict[str, list[tuple[str, str, bool, str]]] = {}        # per set: (rater, label, correct, trial)
     for rec in answers:
         t = by_id.get(rec["trial"])
         if t is None:
@@ -172,26 +181,16 @@ def score_answers(trials: list[Trial], answers: list[dict]) -> dict[str, dict]:
         if rec["choice"] not in (t.label, t.distractor):
             raise JudgmentError(f"judgment of trial {t.id} by {rec['rater']!r} chose {rec['choice']!r}, "
                                 "not one of its candidates")
-        key = (rec["rater"], t.id)
-        if key in seen:
+        if (rec["rater"], t.id) in seen:
             continue
-        seen.add(key)
+        seen.add((rec["rater"], t.id))
         rows.setdefault(t.test_set, []).append((rec["rater"], t.label, rec["choice"] == t.label, t.id))
-    n_trials: dict[str, int] = {}
-    for t in trials:
-        n_trials[t.test_set] = n_trials.get(t.test_set, 0) + 1
+    n_trials = Counter(t.test_set for t in trials)
     out = {}
     for test_set in [s for s in n_trials if s in rows]:        # in the trials' order
         r = rows[test_set]
-        correct = np.array([c for _, _, c, _ in r])
-        k, n = int(correct.sum()), len(correct)
-
-        def frac(key):
-            groups: dict[str, list[bool]] = {}
-            for row in r:
-                groups.setdefault(row[key], []).append(row[2])
-            return {g: float(np.mean(v)) for g, v in sorted(groups.items())}
+        k, n = sum(c for _, _, c, _ in r), len(r)
         out[test_set] = {"human_identification": k / n, "n_judgments": n, "n_raters": len({x[0] for x in r}),
                          "ci95": _wilson(k, n), "trials_covered": len({x[3] for x in r}) / n_trials[test_set],
-                         "per_rater": frac(0), "per_image": frac(1)}
+                         "per_rater": _fraction_correct(r, 0), "per_image": _fraction_correct(r, 1)}
     return out
