@@ -15,12 +15,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import BaseModel, Field
 
 from . import __version__
 from .data.bdata import FmriData, read_fmri, roi_keys
-from .data.stimuli import load_stimulus_set
+from .data.stimuli import load_stimulus_set, png_bytes
 from .decode.rescale import rescale_decoded
 from .decode.ridge import DEFAULT_ALPHAS, KernelRidgeDecoder, unit_r2
 from .evaluate.decoding import decoding_accuracy
@@ -188,7 +187,16 @@ def reliability_by_roi(path: Path, fmri: FmriData) -> dict[str, float]:
 
 def _save_png(image: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.clip(image, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+    path.write_bytes(png_bytes(image))
+
+
+def image_scores(images: np.ndarray, stimuli: np.ndarray, suffix: str = "") -> tuple[np.ndarray, dict[str, float]]:
+    """Per-image pixel identification (n,) and the set's mean pixel identification, pixel
+    correlation and SSIM (keys end in ``suffix``) of reconstructions against their stimuli (n, 3, H, W)."""
+    ident = pairwise_identification(images, stimuli)
+    return ident, {f"pixel_identification{suffix}": float(ident.mean()),
+                   f"pixel_correlation{suffix}": float(pixel_correlation(images, stimuli).mean()),
+                   f"ssim{suffix}": float(ssim(images, stimuli).mean())}
 
 
 def grid_edge_warning(layer: str, alphas: np.ndarray, scores: np.ndarray, tol: float = 1e-3) -> str | None:
@@ -520,12 +528,9 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                         _save_png(img, out / "recon_snapshots" / s.name / lab / f"iter{it:05d}.png")
 
         log.stage(f"evaluating '{s.name}'")
-        decoded_images = recon_images[s.name]["decoded"]
-        ident = pairwise_identification(decoded_images, s.images)
+        ident, scores = image_scores(recon_images[s.name]["decoded"], s.images)
         entry = {
-            "pixel_identification": float(ident.mean()),
-            "pixel_correlation": float(pixel_correlation(decoded_images, s.images).mean()),
-            "ssim": float(ssim(decoded_images, s.images).mean()),
+            **scores,
             "n_images": len(s.labels),
             "n_presentations": s.n_presentations,
             "feature_decoding": decoding[s.name],
@@ -533,10 +538,7 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
             "test_retest_median_r": reliability_by_roi(s.path, s.fmri),
         }
         if config.true_feature_recon:
-            true = recon_images[s.name]["true"]
-            entry["pixel_identification_true_features"] = float(pairwise_identification(true, s.images).mean())
-            entry["pixel_correlation_true_features"] = float(pixel_correlation(true, s.images).mean())
-            entry["ssim_true_features"] = float(ssim(true, s.images).mean())
+            entry.update(image_scores(recon_images[s.name]["true"], s.images, "_true_features")[1])
         metrics[s.name] = entry
         log(f"  pixel identification {entry['pixel_identification']:.3f}" +
             (f" (true features {entry['pixel_identification_true_features']:.3f})" if config.true_feature_recon else ""))

@@ -4,6 +4,7 @@ Images are ``(n, 3, H, W)`` float32 RGB in [0, 1] (the package-wide convention).
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,13 @@ def load_image(path: Path, size: int) -> np.ndarray:
     side = min(w, h)  # centre square crop, as the paper's stimuli are square
     rgb = rgb.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
     return np.asarray(rgb.resize((size, size), Image.LANCZOS), np.float32).transpose(2, 0, 1) / 255.0
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """(3, H, W) float RGB in [0, 1] -> PNG file bytes (8 bits per channel)."""
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(image, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def find_images(directory: Path, labels: list[str]) -> dict[str, Path]:

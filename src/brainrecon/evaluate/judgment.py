@@ -53,8 +53,7 @@ class RunImages:
         return {s: list(v) for s, v in self.recon.items()}
 
 
-def run_images(run_dir: Path, images: Path | None = None, which: str = "decoded",
-               sets: list[str] | None = None) -> RunImages:
+def run_images(run_dir: Path, images: Path | None = None, which: str = "decoded") -> RunImages:
     """The reconstructions (``which``: decoded or true features) and stimuli of a run folder.
 
     ``images``: the stimulus folder; default the one recorded in the run's ``run.json``.
@@ -72,10 +71,7 @@ def run_images(run_dir: Path, images: Path | None = None, which: str = "decoded"
             raise JudgmentError(f"{info} is missing, so the stimulus folder is unknown: pass --images DIR")
         images = Path(json.loads(info.read_text())["images"])
     recon = {d.name: {p.stem: p for p in sorted(d.glob("*.png"))} for d in sorted(folder.iterdir()) if d.is_dir()}
-    recon = {s: v for s, v in recon.items() if v and (sets is None or s in sets)}
-    if sets is not None and set(sets) - set(recon):
-        raise JudgmentError(f"no reconstructions of {', '.join(sorted(set(sets) - set(recon)))} in {folder}; "
-                            f"it holds {', '.join(recon) or 'none'}")
+    recon = {s: v for s, v in recon.items() if v}
     if not recon:
         raise JudgmentError(f"no reconstructions (<test set>/<label>.png) in {folder}")
     few = [s for s, v in recon.items() if len(v) < 2]

@@ -13,7 +13,6 @@ Two ways to collect judgments, with the same page and the same answers format:
 from __future__ import annotations
 
 import base64
-import io
 import json
 import threading
 import zlib
@@ -24,9 +23,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
-from PIL import Image
 
-from ..data.stimuli import load_image
+from ..data.stimuli import load_image, png_bytes
 from .judgment import JudgmentError, RunImages, Trial, answer_record, read_answers, rater_order
 
 STIMULUS_DISPLAY_SIZE = 224   # stimuli are shown centre-cropped to a square, as presented, at this size
@@ -39,28 +37,22 @@ def page_html(config: dict | None = None) -> str:
     return text.replace("/*CONFIG*/null", blob)
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(array.transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
 class ImageBank:
     """PNG bytes of every reconstruction and stimulus under an opaque number (shuffled, seeded)."""
 
     def __init__(self, images: RunImages, seed: int = 0):
-        self.sources = [("recon", s, lab, p) for s, v in images.recon.items() for lab, p in v.items()]
-        self.sources += [("stimulus", s, lab, p) for s, v in images.stimuli.items() for lab, p in v.items()]
-        order = np.random.default_rng(seed).permutation(len(self.sources))
-        self.number = {src[:3]: int(i) for src, i in zip(self.sources, order)}
-        self.by_number = {int(i): src for src, i in zip(self.sources, order)}
+        sources = [("recon", s, lab, p) for s, v in images.recon.items() for lab, p in v.items()]
+        sources += [("stimulus", s, lab, p) for s, v in images.stimuli.items() for lab, p in v.items()]
+        order = np.random.default_rng(seed).permutation(len(sources))
+        self.number = {src[:3]: int(i) for src, i in zip(sources, order)}
+        self.by_number = {int(i): src for src, i in zip(sources, order)}
         self._cache: dict[int, bytes] = {}
 
     def png(self, number: int) -> bytes:
         if number not in self._cache:
             kind, _, _, path = self.by_number[number]
             self._cache[number] = (Path(path).read_bytes() if kind == "recon"
-                                   else _png(load_image(path, STIMULUS_DISPLAY_SIZE)))
+                                   else png_bytes(load_image(path, STIMULUS_DISPLAY_SIZE)))
         return self._cache[number]
 
     def trial_images(self, trial: Trial, stimulus_left: bool) -> tuple[int, int, int]:

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from ..data.stimuli import png_bytes
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -24,12 +25,9 @@ details{margin:.8em 0} pre{background:#f7f7f7;padding:.8em;overflow:auto;font-si
 
 def png_data_uri(image: np.ndarray, scale: int = 1) -> str:
     """(3, H, W) float [0, 1] -> ``data:image/png;base64,...``."""
-    pil = Image.fromarray((np.clip(image, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8))
     if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        image = np.asarray(image).repeat(scale, 1).repeat(scale, 2)             # nearest-neighbour upscaling
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def figure_data_uri(fig) -> str:
