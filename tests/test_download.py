@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
+import h5py
 import numpy as np
 import pytest
 import scipy.io
@@ -24,7 +25,8 @@ from brainrecon.cli import app
 from brainrecon.data import download as dl
 from brainrecon.data import registry
 from brainrecon.data.bdata import BData, name_to_stimulus_id, read_fmri, write_bdata
-from brainrecon.data.download import DownloadError, download, fetch, missing_artefact_hint, unpack_zip
+from brainrecon.data.download import (DownloadError, check_content, download, fetch, missing_artefact_hint,
+                                      unpack_zip)
 from brainrecon.data.registry import ARTEFACTS, Artefact, expand
 from brainrecon.nets import load_network
 from brainrecon.nets.feature_sd import FEATURE_SD_FILE, VGG19_CHANNELS, load_feature_sd
@@ -262,6 +264,132 @@ def test_http_errors_name_the_url_and_the_fix(server, monkeypatch):
     monkeypatch.setattr(dl, "RETRIES", 0)
     with pytest.raises(DownloadError, match=rf"127.0.0.1:{port}/gone.bin: cannot connect .* BRAINRECON_MIRROR"):
         download(["test/gone"], mirror=f"http://127.0.0.1:{port}", progress=False)
+
+
+# ----------------------------------------------------------------------------------- content checks
+
+_HTML = (b"<!DOCTYPE html>\n<html><head><title>File not found [figshare]</title></head>"
+         b"<body><h1>Sorry, the file could not be found.</h1>" + b" " * 1000 + b"</body></html>\n")
+_PERCEPTION = "fmri/sub-01/perception-natural-test"   # no published checksum: only the content check guards it
+
+
+def _small_bdata(path: Path) -> Path:
+    b = BData()
+    b.add(np.arange(12.0).reshape(4, 3), "VoxelData")
+    write_bdata(path, b)
+    return path
+
+
+def test_check_content_by_kind(tmp_path):
+    """Each kind passes a real file of its kind and names what arrived otherwise."""
+    junk = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+
+    def file(name, data=junk):
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+
+    bd = _small_bdata(tmp_path / "ok.h5")
+    assert check_content(bd, "bdata") is None and check_content(bd) is None
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["other"] = np.zeros(3)
+    assert check_content(tmp_path / "plain.h5") is None   # .h5 by its name: any HDF5 file
+    assert re.fullmatch(r"what arrived is an HDF5 file \(.* kB\) but not a BData file: .*\(it holds other\)",
+                        check_content(tmp_path / "plain.h5", "bdata"))
+    assert check_content(file("junk.h5"), "bdata") == "what arrived is not an HDF5 file (3.0 kB)"
+    assert "that h5py cannot open" in check_content(file("cut.h5", bd.read_bytes()[:1500]), "bdata")
+    assert check_content(file("page.h5", _HTML)) == ("the server sent a web page, not the file: an HTML page of "
+                                                     "1.1 kB titled 'File not found figshare'")
+    assert check_content(file("e.h5", b'  {"message": "Not found"}')).startswith(
+        "the server sent a web page, not the file: a JSON document of 26 bytes")
+    assert check_content(file("empty.h5", b"")) == "what arrived is an empty file"
+    assert check_content(_zip(tmp_path / "ok.zip", {"a.txt": b"a"})) is None
+    assert check_content(file("junk.zip")) == "what arrived is not a zip archive (3.0 kB)"
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ok.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert check_content(tmp_path / "ok.pt") is None and check_content(tmp_path / "legacy.pth") is None
+    assert check_content(file("junk.pt")) == "what arrived is not a PyTorch file (3.0 kB)"
+    assert check_content(_zip(tmp_path / "notorch.pt", {"a.txt": b"a"})).startswith("what arrived is not a PyTorch")
+    scipy.io.savemat(tmp_path / "ok.mat", {"x": np.ones(3)})
+    assert check_content(tmp_path / "ok.mat") is None and check_content(tmp_path / "plain.h5", "mat") is None
+    assert check_content(file("junk.mat")) == "what arrived is not a MATLAB file (3.0 kB)"
+    assert check_content(file("blob.bin")) is None   # no kind: not checked
+
+
+def _serve_wrong(server, monkeypatch, case: str) -> tuple[str, Path]:
+    """Serve something that is not the file for an artefact without a checksum: (name, served file)."""
+    junk = np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    if case in ("h5-junk", "h5-html", "h5-not-bdata"):
+        name, file = _PERCEPTION, ARTEFACTS[_PERCEPTION].file
+    elif case == "zip-junk":
+        name, file = "test/pack", "pack.zip"
+        _register(monkeypatch, name=name, file=file, folder="models", unpack=True, expect=("a.pt",))
+    else:   # no registry entry is a plain .pt file: a test one
+        name, file = "test/weights", "weights.pt"
+        _register(monkeypatch, name=name, file=file, folder="models")
+    served = server.root / file
+    if case == "h5-not-bdata":
+        with h5py.File(served, "w") as f:
+            f["images"] = np.zeros((2, 2))
+    else:
+        served.write_bytes(_HTML if case == "h5-html" else junk)
+    return name, served
+
+
+@pytest.mark.parametrize("case, arrived", [pytest.param(c, m, id=c) for c, m in (
+    ("h5-junk", "what arrived is not an HDF5 file (5.0 kB)"),
+    ("h5-html", "the server sent a web page, not the file: an HTML page of 1.1 kB titled 'File not found figshare'"),
+    ("h5-not-bdata", "what arrived is an HDF5 file"),
+    ("zip-junk", "what arrived is not a zip archive (5.0 kB)"),
+    ("pt-junk", "what arrived is not a PyTorch file (5.0 kB)"))])
+def test_wrong_content_is_refetched_once_then_fails(server, monkeypatch, tmp_path, case, arrived):
+    """Without a published checksum, a file that is not what it claims to be is deleted, fetched once
+    more from the start, then a clear error (API and CLI); nothing is left in place or recorded."""
+    name, served = _serve_wrong(server, monkeypatch, case)
+    a, home = ARTEFACTS[name], tmp_path / "home"
+    url = f"{server.url}/{a.file}"
+    msgs = []
+    with pytest.raises(DownloadError) as e:
+        download([name], mirror=server.url, progress=False, log=msgs.append)
+    msg = str(e.value)
+    assert msg.startswith(f"{name}: {url}: {arrived}") and "on both tries; the copy was deleted" in msg, msg
+    assert "try again later" in msg.lower() and "BRAINRECON_MIRROR" in msg and msg.endswith(a.page) and "\n" not in msg
+    assert [r["range"] for r in server.requests] == [None, None]   # the second try from the start
+    assert any(m.startswith(f"{name}: {arrived}") and "downloading again" in m for m in msgs)
+
+    def left():
+        return sorted(p.name for p in (home / a.folder).iterdir()) if (home / a.folder).exists() else []
+
+    assert left() == [] and name not in dl.read_manifest(home)["artefacts"]
+    result = runner.invoke(app, ["download", name], env={"BRAINRECON_MIRROR": server.url})
+    assert result.exit_code == 2 and "Traceback" not in result.output and result.output.count("error:") == 1
+    assert _flat(f"{url}: {arrived}") in _flat(result.output), result.output
+    assert left() == [] and name not in dl.read_manifest(home)["artefacts"]
+
+
+def test_valid_bdata_without_checksum_is_accepted_and_recorded(server, tmp_path):
+    a = ARTEFACTS[_PERCEPTION]
+    data = _small_bdata(server.root / a.file).read_bytes()
+    [path] = download([_PERCEPTION], mirror=server.url, progress=False)
+    assert path.read_bytes() == data and len(server.requests) == 1
+    rec = dl.read_manifest(tmp_path / "home")["artefacts"][_PERCEPTION]
+    assert rec["sha256"] == hashlib.sha256(data).hexdigest() and rec["files"] == {a.relpath: len(data)}
+
+
+def test_recorded_or_found_file_with_wrong_content_is_not_kept(server, monkeypatch, tmp_path):
+    """A page recorded as the file (by an earlier version) is fetched again; a file found in place
+    is adopted only if its content passes too."""
+    a, home = ARTEFACTS[_PERCEPTION], tmp_path / "home"
+    (home / "fmri").mkdir(parents=True)
+    (home / a.relpath).write_bytes(_HTML)
+    dl._record(home, {"name": a.name, "url": "x", "file": a.relpath, "size": len(_HTML),
+                      "sha256": hashlib.sha256(_HTML).hexdigest(), "md5": "", "files": {a.relpath: len(_HTML)}})
+    assert not dl.is_complete(a, home)
+    data = _small_bdata(server.root / a.file).read_bytes()
+    download([_PERCEPTION], mirror=server.url, progress=False)
+    assert (home / a.relpath).read_bytes() == data and len(server.requests) == 1 and dl.is_complete(a, home)
+    page = replace(a, md5=hashlib.md5(_HTML).hexdigest())   # even with a matching checksum
+    (home / a.relpath).write_bytes(_HTML)
+    assert dl._adopt(page, home, dl._quiet) is None
 
 
 # ----------------------------------------------------------------------------------- archives

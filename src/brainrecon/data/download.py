@@ -2,7 +2,8 @@
 
 A file is fetched into ``<file>.part``, resumed with an HTTP Range request after an interruption (or
 fetched from the start when the server ignores Range), checked against the known size and
-checksums, then renamed into place; a file that fails the checks is deleted and fetched once more.
+checksums and for what it must hold (``check_content``: an ``.h5`` file must be HDF5, not an HTML
+error page), then renamed into place; a file that fails the checks is deleted and fetched once more.
 Zip archives are unpacked into a folder next to them (members that would land outside it are
 refused) and their expected files checked. ``manifest.json`` in the download folder records each
 artefact (name, url, size, sha256, md5, time, files); a recorded artefact whose files are present
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
 import shutil
 import time
 import zipfile
@@ -24,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
+
+import h5py
 
 from .. import __version__
 from .registry import (
@@ -210,26 +214,126 @@ def _mismatch(got: tuple[int, str, str], size, sha256, md5) -> str | None:
     return None
 
 
-def fetch(url: str, path, *, size: int | None = None, sha256: str | None = None, md5: str | None = None,
-          label: str | None = None, hint: str = "", progress=None, retries: int | None = None,
-          timeout: float | None = None, log: Log = _quiet) -> Fetched:
-    """Download ``url`` to ``path`` (via ``path.part``, resumable) and verify what is known of it.
+_KINDS = ("bdata", "hdf5", "zip", "torch", "mat")
+_KIND_BY_SUFFIX = {".h5": "hdf5", ".hdf5": "hdf5", ".zip": "zip", ".pt": "torch", ".pth": "torch", ".mat": "mat"}
+_WEB_STARTS = ((b"<!doctype", "an HTML page"), (b"<html", "an HTML page"), (b"<?xml", "an XML document"),
+               (b"{", "a JSON document"))
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled 0x1950a86a20f9469cfc6c
 
-    A file whose size or checksum differs is deleted and fetched once more from the start; a second
-    mismatch raises ``DownloadError``. ``progress``: a ``rich.progress.Progress`` to show a bar on.
+
+def _amount(n: int) -> str:
+    """``512 bytes``, ``1.2 kB``, ``3.4 MB``, ``1.1 GB``."""
+    if n < 1000:
+        return f"{n} bytes"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if round(n / scale, 1) < 1000 or unit == "GB":
+            return f"{n / scale:.1f} {unit}"
+
+
+def _zip_names(path: Path) -> list[str] | None:
+    """The members a zip archive's central directory lists; None if it is not a readable zip."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+
+
+def check_content(path, kind: str | None = None) -> str | None:
+    """What is wrong with a downloaded file, given what it must hold; None if it looks right.
+
+    Cheap: reads the file's first bytes and its HDF5 or zip structure, not its data.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    kind : {"bdata", "hdf5", "zip", "torch", "mat"} or None
+        ``bdata``: an HDF5 file with the groups the BData reader needs (``dataset`` or ``dataSet``,
+        ``metadata`` or ``metaData`` holding ``key`` and ``value``); ``hdf5``: an HDF5 file h5py
+        opens; ``zip``: a zip archive whose central directory lists members (the members are checked
+        when unpacked); ``torch``: a ``torch.save`` file (zip archive with ``data.pkl``, or the legacy
+        pickle format); ``mat``: a MATLAB file (v5 header, or HDF5 for v7.3). None: by the suffix of
+        ``path`` (``.h5``, ``.zip``, ``.pt``, ``.mat`` ...); other files are not checked.
+
+    Returns
+    -------
+    str or None
+        What arrived, as a clause for an error message (``"the server sent a web page, not the
+        file: an HTML page of 1.2 kB titled 'Not found'"``, ``"what arrived is not an HDF5 file
+        (300.0 kB)"``), or None if the file passes.
     """
     path = Path(path)
+    kind = kind or _KIND_BY_SUFFIX.get(path.suffix.lower())
+    if kind is None:
+        return None
+    if kind not in _KINDS:
+        raise ValueError(f"unknown content kind {kind!r}; use one of {', '.join(_KINDS)}")
+    n = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not n:
+        return "what arrived is an empty file"
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    for prefix, what in _WEB_STARTS:
+        if start.startswith(prefix):
+            title = re.search(rb"<title[^>]*>([^<]{1,80})<", head, re.IGNORECASE)
+            # the title says what the page is ("Not found", a portal's "Log in"); brackets would read as markup
+            title = re.sub(r"[\s\[\]]+", " ", title[1].decode("utf-8", "replace")).strip() if title else ""
+            return (f"the server sent a web page, not the file: {what} of {_amount(n)}"
+                    + (f" titled {title!r}" if title else ""))
+    if kind == "zip":
+        names = _zip_names(path)
+        if names is None:
+            return f"what arrived is not a zip archive ({_amount(n)})"
+        return None if names else "what arrived is an empty zip archive"
+    if kind == "torch":   # torch.save: a zip archive holding <name>/data.pkl, or (before torch 1.6) a pickle
+        if head.startswith(_TORCH_LEGACY_MAGIC) or any(m.rpartition("/")[2] == "data.pkl"
+                                                        for m in _zip_names(path) or ()):
+            return None
+        return f"what arrived is not a PyTorch file ({_amount(n)})"
+    if kind == "mat" and head.startswith(b"MATLAB 5.0 MAT-file"):
+        return None
+    if not h5py.is_hdf5(path):
+        return f"what arrived is not {'a MATLAB' if kind == 'mat' else 'an HDF5'} file ({_amount(n)})"
+    try:
+        with h5py.File(path, "r") as f:
+            if kind != "bdata":
+                return None
+            ds, md = f.get("dataset", f.get("dataSet")), f.get("metadata", f.get("metaData"))
+            if isinstance(ds, h5py.Dataset) and isinstance(md, h5py.Group) and {"key", "value"} <= set(md):
+                return None
+            return (f"what arrived is an HDF5 file ({_amount(n)}) but not a BData file: it lacks /dataset and "
+                    f"/metadata/key, /metadata/value (it holds {', '.join(sorted(f)) or 'nothing'})")
+    except (OSError, RuntimeError, KeyError, ValueError) as e:   # a damaged file
+        return f"what arrived is an HDF5 file ({_amount(n)}) that h5py cannot open ({e})"
+
+
+def fetch(url: str, path, *, size: int | None = None, sha256: str | None = None, md5: str | None = None,
+          kind: str | None = None, label: str | None = None, hint: str = "", page: str = "", progress=None,
+          retries: int | None = None, timeout: float | None = None, log: Log = _quiet) -> Fetched:
+    """Download ``url`` to ``path`` (via ``path.part``, resumable) and verify what is known of it.
+
+    A file that is not what it must hold (``kind``, see ``check_content``; default: by the suffix
+    of ``path``) or whose size or checksum differs is deleted and fetched once more from the start;
+    a second failure raises ``DownloadError``. ``page``: where to fetch the file by hand, named in
+    that error. ``progress``: a ``rich.progress.Progress`` to show a bar on.
+    """
+    path = Path(path)
+    kind = kind or _KIND_BY_SUFFIX.get(path.suffix.lower())
     label = label or path.name
     retries = RETRIES if retries is None else retries
     timeout = TIMEOUT if timeout is None else timeout
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     meta = part.with_name(part.name + ".json")
-    problem = None
+    problem = wrong = None
     for attempt in (1, 2):
         _transfer(url, part, label=label, hint=hint, progress=progress, retries=retries, timeout=timeout, log=log)
-        got = file_digests(part)
-        problem = _mismatch(got, size, sha256, md5)
+        problem = wrong = check_content(part, kind)
+        if wrong is None:
+            got = file_digests(part)
+            problem = _mismatch(got, size, sha256, md5)
         if problem is None:
             part.replace(path)
             meta.unlink(missing_ok=True)
@@ -237,7 +341,10 @@ def fetch(url: str, path, *, size: int | None = None, sha256: str | None = None,
         part.unlink()
         meta.unlink(missing_ok=True)
         if attempt == 1:
-            log(f"{label}: damaged download ({problem}); deleted it, downloading again")
+            log(f"{label}: {wrong or f'damaged download ({problem})'}; deleted it, downloading again")
+    if wrong:
+        raise DownloadError(f"{url}: {wrong}, on both tries; the copy was deleted. Try again later, set {MIRROR_ENV} "
+                            f"to a server holding a copy, or fetch the file by hand from {page or 'the dataset page'}")
     raise DownloadError(f"{url}: the download is damaged again ({problem}); the copy was deleted. The server's "
                         "file differs from the published one: try again later, or fetch it by hand from the "
                         "dataset page")
@@ -320,7 +427,8 @@ def _record(home: Path, rec: dict) -> None:
 
 
 def is_complete(artefact: Artefact, home, manifest: dict | None = None) -> bool:
-    """Recorded in the manifest (with the published checksums, if any) and its files present at their size."""
+    """Recorded in the manifest (with the published checksums, if any) and its files present at their size;
+    a plain file must also pass ``check_content`` (cheap: headers and structure, not a re-hash)."""
     home = Path(home)
     rec = (manifest or read_manifest(home))["artefacts"].get(artefact.name)
     if not isinstance(rec, dict) or not isinstance(rec.get("files"), dict):
@@ -330,8 +438,12 @@ def is_complete(artefact: Artefact, home, manifest: dict | None = None) -> bool:
         if want and rec.get(key) != want:
             return False
     files = rec["files"]
-    return all(isinstance(n, int) and (home / rel).is_file() and (home / rel).stat().st_size == n
-               for rel, n in files.items()) and all(any(alt in files for alt in group) for group in artefact.expected())
+    if not all(isinstance(n, int) and (home / rel).is_file() and (home / rel).stat().st_size == n
+               for rel, n in files.items()):
+        return False
+    if not all(any(alt in files for alt in group) for group in artefact.expected()):
+        return False
+    return artefact.unpack or check_content(home / artefact.relpath, artefact.kind) is None
 
 
 def _hint(a: Artefact, mirror: str | None) -> str:
@@ -345,8 +457,8 @@ def _get(a: Artefact, home: Path, mirror: str | None, progress, keep_archive: bo
     url = a.url(mirror)
     path = home / a.relpath
     for attempt in (1, 2):
-        got = fetch(url, path, size=a.size, sha256=a.sha256, md5=a.md5, label=a.name,
-                    hint=_hint(a, mirror), progress=progress, log=log)
+        got = fetch(url, path, size=a.size, sha256=a.sha256, md5=a.md5, kind=a.kind, label=a.name,
+                    hint=_hint(a, mirror), page=a.page, progress=progress, log=log)
         files = {a.relpath: got.size}
         if not a.unpack:
             break
@@ -370,9 +482,10 @@ def _get(a: Artefact, home: Path, mirror: str | None, progress, keep_archive: bo
 
 
 def _adopt(a: Artefact, home: Path, log: Log) -> dict | None:
-    """A plain file already in place (no manifest record) whose published checksum matches."""
+    """A plain file already in place (no manifest record) whose published checksum matches and whose
+    content passes ``check_content``."""
     path = home / a.relpath
-    if a.unpack or not (a.sha256 or a.md5) or not path.is_file():
+    if a.unpack or not (a.sha256 or a.md5) or not path.is_file() or check_content(path, a.kind):
         return None
     got = file_digests(path)
     if _mismatch(got, a.size, a.sha256, a.md5):

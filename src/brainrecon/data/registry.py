@@ -47,7 +47,9 @@ class Artefact:
     """One published file.
 
     ``folder``: where it goes under the download home; ``expect``: for an archive (``unpack``), the
-    files it must hold, relative to ``folder/<archive stem>/`` once unpacked.
+    files it must hold, relative to ``folder/<archive stem>/`` once unpacked; ``kind``: what the file
+    must hold, checked after the download (see ``download.check_content``: ``bdata``, ``hdf5``,
+    ``zip``, ``torch``, ``mat``; None: by the file name's suffix).
     """
     name: str
     file: str
@@ -61,6 +63,7 @@ class Artefact:
     md5: str | None = None
     unpack: bool = False
     expect: tuple[str, ...] = ()
+    kind: str | None = None
 
     def url(self, mirror: str | None = None) -> str:
         """Download URL: ``<mirror>/<file>`` with a mirror (argument, else ``$BRAINRECON_MIRROR``),
@@ -119,13 +122,13 @@ def _entries() -> list[Artefact]:
             out.append(Artefact(
                 name=f"fmri/{sub}/perception-natural-{part.lower()}",
                 file=f"{sub}_perceptionNaturalImage{part}_original_VC.h5", file_id=fid,
-                base_url=FIGSHARE_2019, page=PAGE_2019, folder="fmri",
+                base_url=FIGSHARE_2019, page=PAGE_2019, folder="fmri", kind="bdata",
                 description=f"{sub} natural-image {part.lower()} fMRI, visual cortex (Shen et al. 2019)"))
         for part, (fid, md5) in zip(("Training", "Test"), _FMRIPREP[s]):
             out.append(Artefact(
                 name=f"fmri/{sub}/fmriprep-{part.lower()}",
                 file=f"{sub}_ImageNet{part}_fmriprep_volume_native.h5", file_id=fid, md5=md5,
-                base_url=FIGSHARE_COOKBOOK, page=PAGE_COOKBOOK, folder="fmri",
+                base_url=FIGSHARE_COOKBOOK, page=PAGE_COOKBOOK, folder="fmri", kind="bdata",
                 description=f"{sub} ImageNet {part.lower()} fMRI, fMRIPrep volume (native space)"))
     out.append(Artefact(
         name="vgg19-caffe", file="VGG_ILSVRC_19_layers.zip", file_id=38225868,
