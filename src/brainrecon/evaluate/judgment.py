@@ -8,15 +8,22 @@ who picks by pixel correlation scores exactly the pixel-correlation identificati
 
 This module holds what does not depend on how trials are shown: the trials of a run folder, the
 answers file (JSON lines, one judgment per line, appended as they come, so a session can stop and
-resume) and the scores. :mod:`~brainrecon.evaluate.judgment_app` shows the trials in a browser.
+resume) and the scores. Each judgment is appended as one complete line in one write, so a crash can
+only cut short the last line: reading drops such a torn last line with a warning, and
+:func:`repair_answers` also cuts it off the file before a server appends to it.
+:mod:`~brainrecon.evaluate.judgment_app` shows the trials in a browser.
 """
 from __future__ import annotations
 
 import json
+import os
+import unicodedata
+import warnings
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from scipy.stats import binomtest
@@ -24,6 +31,10 @@ from scipy.stats import binomtest
 from ..data.stimuli import find_images
 
 RECON_FOLDERS = {"decoded": "recon", "true": "recon_true_features"}
+MAX_RATER_LENGTH = 100
+BAD_NAME_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}     # controls, lone surrogates, line and paragraph separators
+
+Warn = Callable[[str], None]
 
 
 class JudgmentError(ValueError):
@@ -69,7 +80,11 @@ def run_images(run_dir: Path, images: Path | None = None, which: str = "decoded"
         info = run_dir / "run.json"
         if not info.is_file():
             raise JudgmentError(f"{info} is missing, so the stimulus folder is unknown: pass --images DIR")
-        images = Path(json.loads(info.read_text())["images"])
+        try:
+            images = Path(json.loads(info.read_text())["images"])
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise JudgmentError(f"{info} does not name the stimulus folder ({type(e).__name__}: {e}): "
+                                "pass --images DIR") from None
     recon = {d.name: {p.stem: p for p in sorted(d.glob("*.png"))} for d in sorted(folder.iterdir()) if d.is_dir()}
     recon = {s: v for s, v in recon.items() if v}
     if not recon:
@@ -101,6 +116,22 @@ def make_trials(labels: dict[str, list[str]], pairs_per_image: int | None = None
     return trials
 
 
+def valid_rater(rater: object) -> str:
+    """A rater's name, stripped; raises :class:`JudgmentError` unless it is a non-empty string of at
+    most ``MAX_RATER_LENGTH`` characters without control characters, line breaks (U+2028, U+2029)
+    or lone surrogates. Other characters (any script, emoji, joiners) are names' own."""
+    if not isinstance(rater, str):
+        raise JudgmentError(f"the rater name must be a string, not {type(rater).__name__}")
+    rater = rater.strip()
+    if not rater:
+        raise JudgmentError("enter a rater name")
+    if len(rater) > MAX_RATER_LENGTH:
+        raise JudgmentError(f"a rater name has at most {MAX_RATER_LENGTH} characters")
+    if any(unicodedata.category(c) in BAD_NAME_CATEGORIES for c in rater):
+        raise JudgmentError("a rater name cannot hold control characters, line breaks or lone surrogates")
+    return rater
+
+
 def _rater_seed(rater: str, seed: int) -> int:
     return zlib.crc32(f"{seed}:{rater}".encode())
 
@@ -123,25 +154,100 @@ def answer_record(trial: Trial, rater: str, choice: str, stimulus_left: bool, rt
             "rt_ms": None if rt_ms is None else round(float(rt_ms))}
 
 
-def read_answers(paths: list[Path] | Path) -> list[dict]:
-    """All judgments of one or more answers files (JSON lines); a bad line raises naming file and line."""
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _parse_answers(path: Path, data: bytes) -> tuple[list[dict], tuple[int, int, bytes] | None]:
+    """The judgments in ``data`` (the bytes of answers file ``path``) and its torn last line, if any:
+    (line number, offset of its first byte, its bytes). A bad line elsewhere raises."""
+    out, end = [], 0
+    lines = data.split(b"\n")                 # the last item follows the last newline (b"" if none does)
+    for n, line in enumerate(lines, 1):
+        start, end = end, end + len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):   # not JSON (or not UTF-8)
+            if n == len(lines):                 # the last line, without its newline: a write cut short
+                return out, (n, start, line)
+            rec = None
+        if not isinstance(rec, dict) or not {"trial", "rater", "choice"} <= rec.keys():
+            raise JudgmentError(f"{path}, line {n}: not a judgment (a JSON object with trial, rater and "
+                                "choice); remove the line or fix it")
+        out.append(rec)
+    return out, None
+
+
+def _torn_message(path: Path, n: int, line: bytes) -> str:
+    text = line.decode("utf-8", "replace")
+    return (f"{path}, line {n}: dropped a torn last line (a write cut short, e.g. by a crash): "
+            f"{text[:60]!r}{'...' if len(text) > 60 else ''} ({len(line)} bytes)")
+
+
+def read_answers(paths: list[Path] | Path, warn: Warn | None = None) -> list[dict]:
+    """All judgments of one or more answers files (JSON lines).
+
+    Parameters
+    ----------
+    paths : the answers file(s).
+    warn : called with a message for each torn last line (a last line without its newline that is
+        not JSON, as a crash mid-write leaves): the line is dropped. Default :func:`warnings.warn`.
+
+    Raises
+    ------
+    JudgmentError : a missing file, or a bad line other than a torn last one (naming file and line).
+    """
     out = []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         path = Path(path)
         if not path.is_file():
             raise JudgmentError(f"answers file {path} does not exist")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = None
-            if not isinstance(rec, dict) or not {"trial", "rater", "choice"} <= rec.keys():
-                raise JudgmentError(f"{path}, line {n}: not a judgment (a JSON object with trial, rater and "
-                                    "choice); remove the line or fix it")
-            out.append(rec)
+        records, torn = _parse_answers(path, path.read_bytes())
+        if torn:
+            (warn or _warn)(_torn_message(path, torn[0], torn[2]))
+        out += records
     return out
+
+
+def repair_answers(path: Path, warn: Warn | None = None) -> list[dict]:
+    """The judgments of answers file ``path``, made safe to append to.
+
+    A torn last line (see :func:`read_answers`) is copied to ``<path>.torn`` (appended, flushed), then
+    cut off ``path`` (one truncation: a crash in between leaves it to be cut again), with a ``warn``
+    message; a last line without its newline gets one. Other bad lines raise :class:`JudgmentError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise JudgmentError(f"answers file {path} is not a file")
+    data = path.read_bytes()
+    records, torn = _parse_answers(path, data)
+    if torn:
+        n, start, line = torn
+        kept = path.with_name(path.name + ".torn")
+        _append(kept, line + b"\n")
+        os.truncate(path, start)
+        (warn or _warn)(f"{_torn_message(path, n, line)}; its bytes are kept in {kept}")
+    elif data and not data.endswith(b"\n"):
+        _append(path, b"\n")
+    return records
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append ``data`` in one write (O_APPEND) and flush it to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_answer(path: Path, record: dict) -> None:
+    """Append one judgment (:func:`answer_record`) to answers file ``path`` as one complete line."""
+    _append(Path(path), (json.dumps(record, allow_nan=False) + "\n").encode())
 
 
 def _wilson(k: int, n: int) -> list[float]:
