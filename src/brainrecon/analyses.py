@@ -7,13 +7,13 @@ differ only in reconstruction settings reuse the decoded features. A comparison 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .data.bdata import roi_keys
-from .pipeline import Log, PipelineConfig, run_pipeline
+from .cache import write_json
+from .data.bdata import check_rois, roi_keys
+from .pipeline import Log, PipelineConfig, check_run, run_pipeline
 
 PAPER_ROIS = ("ROI_V1", "ROI_V2", "ROI_V3", "ROI_hV4", "ROI_HVC", "ROI_VC")
 HVC_PARTS = "ROI_LOC+ROI_FFA+ROI_PPA"
@@ -30,6 +30,10 @@ def compare_variants(train: Path, tests: dict[str, Path], images: Path, out: Pat
 
     log = log or Log()
     out = Path(out)
+    for name, cfg in variants.items():      # every variant's settings and ROIs, before any of them runs
+        check_run(tests, out / _slug(name), cfg)
+        for path in [train, *tests.values()]:
+            check_rois(path, sorted({cfg.roi, *cfg.layer_rois.values()}))
     out.mkdir(parents=True, exist_ok=True)
     results, folders = {}, {}
     for i, (name, cfg) in enumerate(variants.items()):
@@ -40,8 +44,8 @@ def compare_variants(train: Path, tests: dict[str, Path], images: Path, out: Pat
                         **({"pixel_identification_true_features": m["pixel_identification_true_features"]}
                            if "pixel_identification_true_features" in m else {})}
                     for s, m in res.items()} for name, res in results.items()}
-    (out / "comparison.json").write_text(json.dumps({"title": title, "variants": table,
-                                                     "folders": {k: str(v) for k, v in folders.items()}}, indent=2))
+    write_json(out / "comparison.json", {"title": title, "variants": table,
+                                         "folders": {k: str(v) for k, v in folders.items()}})
     write_comparison_report(out / "report.html", title, results, folders, images, x_axis=x_axis)
     log(f"wrote {out / 'comparison.json'} and {out / 'report.html'}")
     return results

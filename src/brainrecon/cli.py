@@ -6,27 +6,75 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain click output for usage errors and help: rich's panels re-wrap messages at the terminal width.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Deep image reconstruction from fMRI: decode DNN features, reconstruct images, evaluate.")
-err = Console(stderr=True)
+# Messages are never re-wrapped (a path broken over lines cannot be pasted back), colour only on a terminal.
+err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 DEMO = dict(image_size=48, n_train_images=1200, n_test_natural=20)
 DEMO_PRIOR = "fourier"   # the prior with the best mean pixel identification on the demo subject (docs/priors.md)
 
 
+def _say(message: str, style: str | None = None) -> None:
+    """One message on stderr, as given (no markup, no wrapping)."""
+    err.print(message, style=style, markup=False)
+
+
+def _warn(message: str) -> None:
+    _say(f"warning: {message}", style="yellow")
+
+
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(Text("error: ", style="bold red") + Text(message))
     raise typer.Exit(2)
 
 
-def _run_guarded(fn):
+def _run_guarded(fn, out: Path | None = None):
+    """Run a long command: user errors end with one line (exit 2), Ctrl-C with how to resume (exit 130),
+    anything else with one line and the traceback saved to a file (exit 1)."""
     from .data.bdata import BDataError
+    from .data.stimuli import StimulusError
     from .pipeline import PipelineError
     try:
         return fn()
-    except (BDataError, PipelineError, FileNotFoundError) as e:
+    except (BDataError, PipelineError, StimulusError, FileNotFoundError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        where = f" (finished stages are kept in {out})" if out is not None else ""
+        _say(f"interrupted{where}: run the same command again to resume")
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001 - a bug, not a user error: say so in one line, keep the traceback
+        import tempfile
+        import traceback
+        folder = out if out is not None and out.is_dir() else Path(tempfile.gettempdir())
+        log = folder / "brainrecon-error.log"
+        log.write_text(traceback.format_exc())
+        _say(f"internal error: {type(e).__name__}: {e}. This is a bug in brainrecon, not in your input: please "
+             f"report it with the traceback saved in {log}", style="bold red")
+        raise typer.Exit(1) from None
+
+
+OPTION_NAMES = {"layer_rois": "--layer-roi", "true_feature_recon": "--no-true-features",
+                "n_train_images": "--n-train"}
+SETTING_HINTS = {"image_size": "the networks' conv5 layers sit after four 2x poolings",
+                 "iterations": "a reconstruction needs at least one optimisation step"}
+
+
+def settings_message(error) -> str:
+    """A pydantic ``ValidationError`` of the run settings as one line naming each option, its value and the rule."""
+    parts = []
+    for e in error.errors():
+        field = next((str(x) for x in reversed(e["loc"]) if isinstance(x, str)), "setting")
+        name = OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
+        msg = e["msg"].removeprefix("Value error, ").replace("greater than or equal to", "at least")
+        msg = msg[:1].lower() + msg[1:]
+        hint = f" ({SETTING_HINTS[field]})" if field in SETTING_HINTS and "than" in e["type"] else ""
+        value = "" if e["type"] == "missing" else f" {e['input']!r}"
+        parts.append(f"{name}{value}: {msg}{hint}")
+    return "; ".join(parts)
 
 
 @app.command()
@@ -39,11 +87,19 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
     from .simulate.cortex import CortexConfig
     from .simulate.subject import SubjectConfig, simulate_subject
 
-    cfg = SubjectConfig(seed=seed, n_train_images=n_train, n_test_natural=n_test_natural,
-                        cortex=CortexConfig(seed=seed))
-    paths = _run_guarded(lambda: simulate_subject(out, cfg, load_network("hed-vgg16"), progress=err.print))
+    from pydantic import ValidationError
+
+    from .pipeline import check_out_folder
+
+    try:
+        cfg = SubjectConfig(seed=seed, n_train_images=n_train, n_test_natural=n_test_natural,
+                            cortex=CortexConfig(seed=seed))
+    except ValidationError as e:
+        _fail(settings_message(e))
+    _run_guarded(lambda: check_out_folder(out))
+    paths = _run_guarded(lambda: simulate_subject(out, cfg, load_network("hed-vgg16"), progress=_say), out)
     for name, p in paths.items():
-        err.print(f"{name}: {p}")
+        _say(f"{name}: {p}")
 
 
 RUN_DEFAULTS = {"roi": "ROI_VC", "layer_roi": {}, "image_size": 224, "iterations": 200, "network": "hed-vgg16",
@@ -58,6 +114,8 @@ def _pairs(items, flag: str, example: str) -> dict[str, str]:
     """NAME=VALUE strings (or a mapping from a config file) -> dict."""
     if isinstance(items, dict):
         return {str(k): str(v) for k, v in items.items()}
+    if not isinstance(items, (list, tuple)):
+        _fail(f"{flag} {items!r}: write it as {example}")
     parsed = {}
     for item in items:
         name, sep, value = str(item).partition("=")
@@ -87,6 +145,8 @@ def _read_config(path: Path) -> dict:
         _fail(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(RUN_KEYS)}")
     base = path.parent
     for key in ("train", "images", "out"):
+        if key in data and not isinstance(data[key], str):
+            _fail(f"{path}: {key} must be a path, not {data[key]!r}")
         if key in data:
             data[key] = base / Path(str(data[key])).expanduser()
     if "test" in data:
@@ -133,6 +193,8 @@ OPT = dict(
 
 def _run_setup(config, given: dict):
     """Merge defaults, config file and flags; check inputs; -> (PipelineConfig, train, tests, images, out)."""
+    from pydantic import ValidationError
+
     from .pipeline import PipelineConfig
     from .recon.icnn import ReconConfig
 
@@ -166,8 +228,8 @@ def _run_setup(config, given: dict):
                              executor_options=opts["executor_options"] or {}, alpha_per=opts["alpha_per"],
                              alpha_cv=opts["alpha_cv"], train_trials=opts["train_trials"],
                              unit_weighting=opts["unit_weighting"], snapshots=snapshots)
-    except ValueError as e:   # pydantic's validation errors
-        _fail(f"invalid setting: {e}")
+    except ValidationError as e:
+        _fail(settings_message(e))
     tests = {k: Path(v) for k, v in opts["test"].items()}
     return cfg, Path(opts["train"]), tests, Path(opts["images"]), Path(opts["out"])
 
@@ -191,7 +253,7 @@ def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any o
     from .pipeline import run_pipeline
 
     cfg, train_path, tests, images_dir, out_dir = _run_setup(config, given)
-    _run_guarded(lambda: run_pipeline(train_path, tests, images_dir, out_dir, cfg))
+    _run_guarded(lambda: run_pipeline(train_path, tests, images_dir, out_dir, cfg), out_dir)
 
 
 COMPARISONS = ("rois", "layers", "priors")
@@ -240,7 +302,8 @@ def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis
         if "generator" in runs and not cfg.generator:
             runs["generator"] = runs["generator"].model_copy(update={"generator": "builtin"})
         title, axis = "Reconstruction priors on the same decoded features", None
-    _run_guarded(lambda: analyses.compare_variants(train_path, tests, images_dir, out_dir, runs, title, x_axis=axis))
+    _run_guarded(lambda: analyses.compare_variants(train_path, tests, images_dir, out_dir, runs, title, x_axis=axis),
+                 out_dir)
 
 
 @app.command()
@@ -257,23 +320,29 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="output folder"),
     """Simulate a subject, then decode, reconstruct and evaluate it: the whole method offline."""
     import time
 
+    from pydantic import ValidationError
+
     from .nets import load_network
-    from .pipeline import Log, PipelineConfig, run_pipeline
+    from .pipeline import Log, PipelineConfig, check_out_folder, run_pipeline
     from .recon.icnn import ReconConfig
     from .simulate.cortex import CortexConfig
     from .simulate.subject import SubjectConfig, simulate_subject
 
+    try:    # every setting is checked before the simulation starts
+        sub_cfg = SubjectConfig(seed=seed, n_train_images=n_train, n_test_natural=n_test_natural,
+                                cortex=CortexConfig(seed=seed))
+        cfg = PipelineConfig(image_size=image_size, seed=seed, generator="builtin" if prior == "generator" else None,
+                             recon=ReconConfig(iterations=iterations, seed=seed, prior=prior))
+    except ValidationError as e:
+        _fail(settings_message(e))
+    _run_guarded(lambda: check_out_folder(out))
     log = Log()
     t0 = time.time()
     log.stage("simulating a subject")
     subject = out / "subject"
-    sub_cfg = SubjectConfig(seed=seed, n_train_images=n_train, n_test_natural=n_test_natural,
-                            cortex=CortexConfig(seed=seed))
     paths = _run_guarded(lambda: simulate_subject(subject, sub_cfg, load_network("hed-vgg16"),
-                                                  progress=lambda m: log("  " + m)))
+                                                  progress=lambda m: log("  " + m)), out)
     sim_seconds = round(time.time() - t0, 1)
-    cfg = PipelineConfig(image_size=image_size, seed=seed, generator="builtin" if prior == "generator" else None,
-                         recon=ReconConfig(iterations=iterations, seed=seed, prior=prior))
     tests = {k: v for k, v in paths.items() if k != "train"}
     if compare_priors:
         from . import analyses
@@ -282,11 +351,12 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="output folder"),
         runs = analyses.prior_variants(cfg.model_copy(update={"generator": "builtin"}), order)
         runs[prior] = runs[prior].model_copy(update={"true_feature_recon": True})
         _run_guarded(lambda: analyses.compare_variants(paths["train"], tests, subject / "images", out, runs,
-                                                       "Reconstruction priors on the same decoded features", log=log))
+                                                       "Reconstruction priors on the same decoded features", log=log),
+                     out)
     else:
         _run_guarded(lambda: run_pipeline(paths["train"], tests, subject / "images", out, cfg, log=log,
-                                          extra={"simulation_seconds": sim_seconds}))
-    err.print(f"[green]done in {time.time() - t0:.0f} s:[/] open {out / 'report.html'}")
+                                          extra={"simulation_seconds": sim_seconds}), out)
+    _say(f"done in {time.time() - t0:.0f} s: open {out / 'report.html'}", style="green")
 
 
 def _check_inputs(opts: dict, config: Optional[Path], given: dict) -> dict:
@@ -297,9 +367,10 @@ def _check_inputs(opts: dict, config: Optional[Path], given: dict) -> dict:
 
     opts = dict(opts)
     spec_files = []
+    file_kinds = {"network": ("vgg19-caffe", "vgg19-torchvision"), "generator": ("relu7",)}
     for key in ("network", "generator"):
         kind, sep, path = str(opts.get(key) or "").partition(":")
-        if sep and path:
+        if sep and path and kind in file_kinds[key]:   # other specs are refused by the settings' check
             p = Path(path).expanduser()
             if config is not None and given.get(key) is None and not p.is_absolute():
                 p = config.parent / p
@@ -338,11 +409,11 @@ def download(names: Optional[list[str]] = typer.Argument(None, help="artefacts, 
     if not names:
         _fail("name what to download, e.g. brainrecon download paper-subject1 (see brainrecon download --list)")
     try:
-        paths = fetch_artefacts(names, dest, force=force, log=lambda m: err.print(m, highlight=False, markup=False))
+        paths = fetch_artefacts(names, dest, force=force, log=_say)
     except (DownloadError, RegistryError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        err.print("interrupted: run the same command again to resume")
+        _say("interrupted: run the same command again to resume")
         raise typer.Exit(130)
     for p in paths:
         typer.echo(str(p))
@@ -375,7 +446,7 @@ def _default_answers(run_dir: Path, which: str) -> Path:
 
 @judge_app.command()
 def serve(run_dir: Path = typer.Argument(..., help="folder of a finished run or demo"),
-          port: int = typer.Option(8000, help="port (0: any free one)"),
+          port: int = typer.Option(8000, min=0, max=65535, help="port (0: any free one)"),
           host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: raters on the local network)"),
           answers: Optional[Path] = typer.Option(None, help="answers file, appended to (default: "
                                                             "RUN_DIR/judgments/answers.jsonl)"),
@@ -388,19 +459,19 @@ def serve(run_dir: Path = typer.Argument(..., help="folder of a finished run or 
     imgs, trials = _judge_inputs(run_dir, images, which, pairs_per_image, seed)
     answers = answers or _default_answers(run_dir, which)
     try:
-        session = JudgmentSession(imgs, trials, answers, seed)
+        session = JudgmentSession(imgs, trials, answers, seed, warn=_warn)
         server = make_server(session, host, port)
     except JudgmentError as e:
         _fail(str(e))
     except OSError as e:
         _fail(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port")
     sets = ", ".join(f"{s} {len(v)}" for s, v in imgs.labels.items())
-    err.print(f"{len(trials)} trials per rater ({sets} reconstructions); answers -> {answers}")
-    err.print(f"open http://{host}:{server.server_address[1]}/ in a browser; Ctrl-C stops (raters resume later)")
+    _say(f"{len(trials)} trials per rater ({sets} reconstructions); answers -> {answers}")
+    _say(f"open http://{host}:{server.server_address[1]}/ in a browser; Ctrl-C stops (raters resume later)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        err.print(f"stopped; score with: brainrecon judge score {run_dir}")
+        _say(f"stopped; score with: brainrecon judge score {run_dir}")
     finally:
         server.server_close()
 
@@ -415,12 +486,16 @@ def export(run_dir: Path = typer.Argument(..., help="folder of a finished run or
     from .evaluate.judgment import JudgmentError
     from .evaluate.judgment_app import export_page
 
+    if out.is_dir():
+        _fail(f"{out} is a folder: --out names the HTML file to write, e.g. --out {out / f'{rater.strip()}.html'}")
     imgs, trials = _judge_inputs(run_dir, images, which, pairs_per_image, seed)
     try:
         path = export_page(imgs, trials, rater.strip(), out, seed)
     except JudgmentError as e:
         _fail(str(e))
-    err.print(f"{path}: {len(trials)} trials for {rater}; score their answers with: "
+    except OSError as e:
+        _fail(f"cannot write {out} ({e.strerror or e}): choose another --out")
+    _say(f"{path}: {len(trials)} trials for {rater}; score their answers with: "
               f"brainrecon judge score {run_dir} --answers answers-{rater}.jsonl")
 
 
@@ -433,18 +508,22 @@ def score(run_dir: Path = typer.Argument(..., help="folder of the run the judgme
     """Score judgments per test set; write RUN_DIR/human_judgment.json and add the scores to metrics.json."""
     import json
 
+    from .cache import write_json
     from .evaluate.judgment import JudgmentError, read_answers, score_answers
 
     imgs, trials = _judge_inputs(run_dir, images, which, pairs_per_image, seed)
     try:
-        scores = score_answers(trials, read_answers(answers or [_default_answers(run_dir, which)]))
+        scores = score_answers(trials, read_answers(answers or [_default_answers(run_dir, which)], warn=_warn))
     except JudgmentError as e:
         _fail(str(e))
     if not scores:
         _fail("the answers files hold no judgments")
     suffix = "" if which == "decoded" else "_true_features"
     metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    try:
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    except (ValueError, OSError) as e:
+        _fail(f"{metrics_path} cannot be read ({e}): rerun the run's brainrecon command to rewrite it, then score")
     typer.echo(f"{'test set':<12}{'human':>8}{'95% CI':>16}{'judgments':>11}{'raters':>8}{'covered':>9}{'pixel':>8}")
     for name, s in scores.items():
         m = metrics.setdefault(name, {})
@@ -456,9 +535,9 @@ def score(run_dir: Path = typer.Argument(..., help="folder of the run the judgme
                    f"{s['n_judgments']:>11}{s['n_raters']:>8}{s['trials_covered']:>9.0%}"
                    f"{'' if pixel is None else f'{pixel:.1%}':>8}")
     out = run_dir / f"human_judgment{suffix}.json"
-    out.write_text(json.dumps(scores, indent=2))
-    metrics_path.write_text(json.dumps(metrics, indent=2))
-    err.print(f"wrote {out} and {metrics_path}")
+    write_json(out, scores)
+    write_json(metrics_path, metrics)
+    _say(f"wrote {out} and {metrics_path}")
 
 
 def main() -> None:  # pragma: no cover

@@ -57,17 +57,42 @@ def _dask():
     return dd
 
 
+EXECUTOR_SPECS = "local, processes:N, dask, dask:ADDRESS or dask-jobqueue:CLASS"
+
+
+def check_spec(spec: str | None) -> str:
+    """``spec`` if it names an executor whose packages are installed; raises ValueError (saying
+    what to write or install) otherwise. Starts nothing: runs check this before any work."""
+    import importlib.util
+
+    kind, sep, arg = (spec or "local").partition(":")
+    if kind == "local" and not sep:
+        return spec or "local"
+    if kind == "processes":
+        if not (arg.isdigit() and int(arg) >= 1) and arg:
+            raise ValueError(f"executor {spec!r}: write processes:N with N the number of processes (1 or more)")
+        return spec
+    if kind in ("dask", "dask-jobqueue"):
+        if importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None:
+            raise ValueError(f"executor {spec!r} needs dask.distributed: pip install 'brainrecon[dask]'")
+        if kind == "dask-jobqueue":
+            if not arg:
+                raise ValueError(f"executor {spec!r}: name the cluster class, e.g. dask-jobqueue:SLURMCluster")
+            if importlib.util.find_spec("dask_jobqueue") is None:
+                raise ValueError(f"executor {spec!r} needs dask-jobqueue: pip install dask-jobqueue")
+        return spec
+    raise ValueError(f"unknown executor {spec!r}: use {EXECUTOR_SPECS}")
+
+
 def make_executor(spec: str | None = "local", options: dict | None = None):
     """An executor for ``spec`` (see the module docstring); None means in-process."""
     options = dict(options or {})
+    check_spec(spec)
     kind, _, arg = (spec or "local").partition(":")
     if kind == "local":
         return None
     if kind == "processes":
-        try:
-            return ProcessExecutor(int(arg or 2))
-        except ValueError:
-            raise ValueError(f"executor {spec!r}: write processes:N with N the number of processes") from None
+        return ProcessExecutor(int(arg or 2))
     if kind == "dask":
         dd = _dask()
         if arg:
@@ -88,4 +113,4 @@ def make_executor(spec: str | None = "local", options: dict | None = None):
         cluster = cls(**options)
         cluster.scale(jobs=jobs)
         return DaskExecutor(dd.Client(cluster), owns_cluster=cluster)
-    raise ValueError(f"unknown executor {spec!r}: use local, processes:N, dask, dask:ADDRESS or dask-jobqueue:CLASS")
+    raise ValueError(f"unknown executor {spec!r}: use {EXECUTOR_SPECS}")

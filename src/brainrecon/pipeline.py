@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import h5py
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import __version__
-from .data.bdata import FmriData, read_fmri, roi_keys
-from .data.stimuli import load_stimulus_set, png_bytes
+from .cache import load_npy, load_npz, load_or_none, save_npy, save_npz, write_json, write_text
+from .data.bdata import FmriData, check_rois, read_fmri, roi_keys
+from .data.stimuli import StimulusError, load_stimulus_set, png_bytes
 from .decode.rescale import rescale_decoded
 from .decode.ridge import DEFAULT_ALPHAS, KernelRidgeDecoder, unit_r2
 from .evaluate.decoding import decoding_accuracy
@@ -36,38 +40,71 @@ class PipelineError(RuntimeError):
     """A problem with the user's inputs; the message says which file and what to do."""
 
 
+MIN_IMAGE_SIZE = 16   # the VGG networks' conv5 layers sit after four 2x poolings: 16 px give them 1 x 1
+
+
 class PipelineConfig(BaseModel):
-    """Everything that decides a run's result."""
+    """Everything that decides a run's result. Unknown fields and out-of-range values are refused."""
+    model_config = ConfigDict(extra="forbid")
+
     network: str = "hed-vgg16"
-    image_size: int = 224
+    image_size: int = Field(224, ge=MIN_IMAGE_SIZE)
     layers: list[str] | None = None          # decoded layers; None: every layer of the network
     recon_layers: list[str] | None = None    # layers whose features the reconstruction matches; None: all decoded
     roi: str = "ROI_VC"
     layer_rois: dict[str, str] = {}           # layer name or prefix -> ROI decoding it, e.g. {"conv1": "ROI_V1+ROI_V2+ROI_V3"}
-    alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist())
-    alpha_sample_units: int = 256            # units per layer used to choose its penalty
-    decoder: str = "kernel"                  # "kernel": all-voxel kernel ridge, penalty by CV; "selection": FastL2LiR
-    alpha_per: str = "layer"                 # kernel ridge penalty: "layer" (CV on a unit sample) or "unit" (each unit's own)
+    alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist(), min_length=1)
+    alpha_sample_units: int = Field(256, ge=1)  # units per layer used to choose its penalty
+    decoder: Literal["kernel", "selection"] = "kernel"  # "kernel": all-voxel kernel ridge, penalty by CV; "selection": FastL2LiR
+    alpha_per: Literal["layer", "unit"] = "layer"  # kernel ridge penalty: "layer" (CV on a unit sample) or "unit" (each unit's own)
     alpha_cv: Literal["averaged", "single"] = "averaged"  # layer penalty scored for each test set's trial-averaged inputs, or single trials
     train_trials: Literal["averaged", "single"] = "averaged"  # kernel decoder fit on each training image's mean presentation, or on every presentation (paper)
-    unit_alpha_max_units: int = 200_000      # alpha_per "unit": larger layers keep one penalty (cost 2 n_images^2 flops per unit and penalty)
-    unit_alpha_span: float = 30.0            # alpha_per "unit": penalties searched within this factor of the layer's
+    unit_alpha_max_units: int = Field(200_000, ge=0)  # alpha_per "unit": larger layers keep one penalty (cost 2 n_images^2 flops per unit and penalty)
+    unit_alpha_span: float = Field(30.0, ge=1.0)      # alpha_per "unit": penalties searched within this factor of the layer's
     unit_weighting: Literal["reliability", "none"] = "reliability"  # reconstruction loss per unit: its cross-validated decoding R^2, or equal
-    unit_weight_max_units: int = 200_000     # per-unit R^2 for layers up to this size (cost 2 n_images^2 flops per unit); larger: equal weights
-    selection_alpha: float = 100.0           # penalty of the voxel-selection decoder (the lab's default)
-    selection_voxels: int = 500              # voxels per unit of the voxel-selection decoder (the lab's default)
+    unit_weight_max_units: int = Field(200_000, ge=0)  # per-unit R^2 for layers up to this size (cost 2 n_images^2 flops per unit); larger: equal weights
+    selection_alpha: float = Field(100.0, gt=0)  # penalty of the voxel-selection decoder (the lab's default)
+    selection_voxels: int = Field(500, ge=1)     # voxels per unit of the voxel-selection decoder (the lab's default)
     recon: ReconConfig = ReconConfig()
     generator: str | None = None             # for recon.prior "generator": "builtin" or "relu7:PATH"
     rescale: bool = False                    # rescale decoded features to the true features SD (paper); off: measured better here
     true_feature_recon: bool = True          # also reconstruct from the true features (upper bound)
     snapshots: list[int] | None = None       # iterations whose images are kept (from decoded features); None: 0, 5%, 12.5%, 25%, 50%
-    feature_store: str = "auto"              # training features: "disk" (HDF5 cache), "stream" (never stored), "auto"
-    feature_cache_gb: float = 8.0            # "auto" streams when the cache would be larger than this
-    batch_size: int = 16                     # images per forward pass when extracting features
-    chunk_units: int = 65536                 # units per decoding task (cached features)
+    feature_store: Literal["auto", "disk", "stream"] = "auto"  # training features: "disk" (HDF5 cache), "stream" (never stored), "auto"
+    feature_cache_gb: float = Field(8.0, gt=0)  # "auto" streams when the cache would be larger than this
+    batch_size: int = Field(16, ge=1)        # images per forward pass when extracting features
+    chunk_units: int = Field(65536, ge=1)    # units per decoding task (cached features)
     executor: str = "local"                  # decoding tasks: local, processes:N, dask, dask:ADDRESS, dask-jobqueue:CLASS
     executor_options: dict = {}              # keyword arguments of the Dask cluster
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+
+    @field_validator("alphas")
+    @classmethod
+    def _positive_alphas(cls, v: list[float]) -> list[float]:
+        if not all(np.isfinite(a) and a > 0 for a in v):
+            raise ValueError("ridge penalties must be finite and > 0")
+        return v
+
+    @field_validator("snapshots")
+    @classmethod
+    def _snapshots(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(i < 0 for i in v):
+            raise ValueError("snapshot iterations are 0 or more")
+        return v
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, v: str) -> str:
+        from .executors import check_spec
+        return check_spec(v)
+
+    @field_validator("generator")
+    @classmethod
+    def _generator(cls, v: str | None) -> str | None:
+        kind, sep, path = (v or "builtin").partition(":")
+        if not ((kind == "builtin" and not sep) or (kind == "relu7" and sep and path)):
+            raise ValueError("the generator is builtin or relu7:PATH (the lab's generator_relu7.pt)")
+        return v
 
     def digest(self, inputs: list[Path] = (), decoding_only: bool = False) -> str:
         """Key of the run's cached results: the settings that change them and the input files' identity.
@@ -132,6 +169,9 @@ def _check_fmri(fmri: FmriData) -> None:
 def load_inputs(train_path: Path, tests: dict[str, Path], images_dir: Path, config: PipelineConfig,
                 log: Log) -> tuple[FmriData, np.ndarray, list[str], np.ndarray, list[TestSet]]:
     """Read and check everything: (train fMRI, train image index per sample, train labels, train images, test sets)."""
+    extra_rois = sorted(set(config.layer_rois.values()) - {config.roi})
+    for path in [train_path, *tests.values()]:
+        check_rois(path, extra_rois)
     train = read_fmri(train_path, config.roi)
     _check_fmri(train)
     train_labels = list(dict.fromkeys(train.labels))
@@ -150,6 +190,10 @@ def load_inputs(train_path: Path, tests: dict[str, Path], images_dir: Path, conf
             raise PipelineError(f"{path}: the voxel coordinates of {config.roi} differ from those of {train_path}; "
                                 "train and test files must list the same voxels in the same order")
         X, labels = fmri.average_by_label()
+        if len(labels) < 2:
+            raise PipelineError(f"{path} holds presentations of {len(labels)} image ({labels[0]}): pairwise "
+                                "identification needs at least two images per test set; add images or merge "
+                                "this test set with another")
         order = np.argsort(labels, kind="stable")  # a stable, readable order (labels sorted)
         X, labels = X[order], [labels[i] for i in order]
         sets.append(TestSet(name, Path(path), fmri, labels, X, len(fmri.labels) / len(labels)))
@@ -160,9 +204,83 @@ def load_inputs(train_path: Path, tests: dict[str, Path], images_dir: Path, conf
         train_images = load_stimulus_set("train", images_dir, train_labels, config.image_size).images
         for s in sets:
             s.images = load_stimulus_set(s.name, images_dir, s.labels, config.image_size).images
-    except FileNotFoundError as err:
-        raise PipelineError(str(err)) from err
+    except (FileNotFoundError, StimulusError) as err:
+        raise PipelineError(str(err)) from None
     return train, image_index, train_labels, train_images, sets
+
+
+TEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class RunModels:
+    """What a run's settings resolve to, checked before any work: the network, the decoded and
+    matched layers, and the generator (None unless the prior is ``generator``)."""
+    network: torch.nn.Module
+    layers: list[str]
+    recon_layers: list[str]
+    generator: torch.nn.Module | None
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an output folder that is a file or cannot be created (nothing is created here)."""
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"{out} is a file: a run writes a folder; choose another --out")
+    parent = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"cannot create the output folder {out}: {parent} is not a writable folder; "
+                            "choose another --out")
+
+
+def check_run(tests: dict[str, Path], out: Path, config: PipelineConfig) -> RunModels:
+    """Check every setting that can be checked before the work starts (test-set names, the output
+    folder, the network and its layers at this image size, the generator, the device) and load the
+    models. Raises :class:`PipelineError` with one message naming the setting and the fix."""
+    if not tests:
+        raise PipelineError("no test set: give at least one with --test NAME=PATH")
+    bad = [n for n in tests if not TEST_NAME.fullmatch(n)]
+    if bad:
+        raise PipelineError(f"test set name(s) {', '.join(map(repr, bad))}: use letters, digits, '_', '-' and '.' "
+                            "(the name becomes a folder of the run), e.g. --test natural=test.h5")
+    check_out_folder(Path(out))
+    try:
+        network = load_network(config.network)
+    except (ValueError, FileNotFoundError) as err:
+        raise PipelineError(str(err)) from None
+    names = list(network.layer_names)
+    layers = config.layers or names
+    unknown = [k for k in layers if k not in names]
+    if unknown or not layers:
+        raise PipelineError(f"unknown layer(s) {', '.join(unknown) or '(none given)'} in --layers: the network "
+                            f"{config.network} has {', '.join(names)}")
+    recon_layers = config.recon_layers or layers
+    unknown = [k for k in recon_layers if k not in layers]
+    if unknown:
+        raise PipelineError(f"recon_layers {', '.join(unknown)} are not among the decoded layers {', '.join(layers)}")
+    for key in config.layer_rois:
+        if not any(k == key or k.startswith(key + "_") for k in layers):
+            raise PipelineError(f"--layer-roi {key}={config.layer_rois[key]}: no decoded layer is named {key} or "
+                                f"starts with {key}_ (layers: {', '.join(layers)})")
+    shapes = network.unit_shapes(config.image_size)
+    empty = [k for k in layers if not all(shapes[k])]
+    if empty:
+        raise PipelineError(f"--image-size {config.image_size} is too small for layer(s) {', '.join(empty)} "
+                            "(no units left after the network's poolings): use a larger --image-size")
+    generator = None
+    if config.recon.prior == "generator":
+        from .nets.generator import load_generator
+        try:
+            generator = load_generator(config.generator or "builtin")
+        except (ValueError, FileNotFoundError) as err:
+            raise PipelineError(str(err)) from None
+    device = config.recon.device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise PipelineError(f"device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"device {device!r}: this machine's PyTorch sees no CUDA GPU; use device cpu")
+    return RunModels(network, layers, recon_layers, generator)
 
 
 def roi_for_layer(layer: str, config: PipelineConfig) -> str:
@@ -211,6 +329,35 @@ def grid_edge_warning(layer: str, alphas: np.ndarray, scores: np.ndarray, tol: f
             "cross-validated R^2 still improves: widen alphas")
 
 
+def _load_training_stats(stats_path: Path, feat_path: Path | None, layers: list[str], shapes: dict, n_images: int,
+                         log: Log):
+    """The saved training statistics per layer (and, with ``feat_path``, a check that the feature cache
+    opens and holds every layer whole), or None if absent or unreadable (with a warning)."""
+    from .decode.streaming import LayerStats
+
+    if feat_path is not None and not feat_path.exists():
+        return None
+    z = load_or_none(stats_path, load_npz, log)
+    if z is None:
+        return None
+    try:
+        lstats = {k: LayerStats(tuple(z[f"{k}/shape"]), z[f"{k}/mean"], z[f"{k}/sd"], float(z[f"{k}/channel_sd"]),
+                                z[f"{k}/sample_index"], z[f"{k}/sample"]) for k in layers}
+    except KeyError as err:
+        log(f"  warning: {stats_path} lacks {err}; computing the training statistics again")
+        return None
+    if feat_path is not None:
+        def check(path: Path) -> bool:
+            with h5py.File(path, "r") as f:
+                return bool(f.attrs.get("complete", False)) and all(
+                    k in f and f[k].shape == (n_images, int(np.prod(shapes[k]))) for k in layers)
+        if not load_or_none(feat_path, check, log):
+            if feat_path.exists():
+                log(f"  warning: {feat_path} does not hold these layers' features; computing them again")
+            return None
+    return lstats
+
+
 def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, train_labels: list[str],
                  train_images: np.ndarray, sets: list[TestSet], network, layers: list[str], config: PipelineConfig,
                  cache_root: Path, cache: Path, log: Log):
@@ -230,16 +377,10 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
     counts = np.bincount(image_index, minlength=len(train_labels))
     cache_bytes = 4 * len(train_images) * sum(units.values())
     mode = config.feature_store
-    if config.decoder not in ("kernel", "selection"):
-        raise PipelineError(f"decoder must be kernel or selection, not {config.decoder!r}")
     if config.decoder == "selection":
         mode = "disk"     # each unit's own voxels: its training features are needed whole
     if mode == "auto":
         mode = "disk" if cache_bytes <= config.feature_cache_gb * 1e9 else "stream"
-    if mode not in ("disk", "stream"):
-        raise PipelineError(f"feature_store must be auto, disk or stream, not {mode!r}")
-    if config.alpha_per not in ("layer", "unit"):
-        raise PipelineError(f"alpha_per must be layer or unit, not {config.alpha_per!r}")
     per_unit_alpha = config.alpha_per == "unit" and config.decoder == "kernel"
     if per_unit_alpha and mode != "disk":
         raise PipelineError("alpha_per 'unit' needs the training features on disk, but they are streamed "
@@ -258,17 +399,16 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
     log.stage(f"features of {len(train_images)} training images ({len(layers)} layers, {config.image_size} px, "
               f"{cache_bytes / 1e9:.1f} GB: {'cached on disk' if mode == 'disk' else 'streamed'})")
     progress = lambda i, n: log(f"  {i}/{n} images") if i == n or i % (20 * config.batch_size) == 0 else None
-    if stats_path.exists() and (mode == "stream" or feat_path.exists()):
-        z = np.load(stats_path)
-        from .decode.streaming import LayerStats
-        lstats = {k: LayerStats(tuple(z[f"{k}/shape"]), z[f"{k}/mean"], z[f"{k}/sd"], float(z[f"{k}/channel_sd"]),
-                                z[f"{k}/sample_index"], z[f"{k}/sample"]) for k in layers}
-        log("  reused training statistics" + (" and feature cache" if mode == "disk" else ""))
+    lstats = _load_training_stats(stats_path, feat_path if mode == "disk" else None, layers, shapes, len(train_images),
+                                  log)
+    if lstats is not None:
+        log(f"  reused training statistics from {stats_path.name}" +
+            (f" and feature cache {feat_path.name}" if mode == "disk" else ""))
     else:
         lstats = training_pass(network, train_images, layers, counts, config.alpha_sample_units, seed=config.seed,
                                batch_size=config.batch_size, cache=feat_path if mode == "disk" else None,
                                progress=progress)
-        np.savez(stats_path, **{f"{k}/{f}": getattr(v, f) for k, v in lstats.items()
+        save_npz(stats_path, **{f"{k}/{f}": getattr(v, f) for k, v in lstats.items()
                                 for f in ("shape", "mean", "sd", "channel_sd", "sample_index", "sample")})
 
     log.stage("fitting decoders")
@@ -376,7 +516,7 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
         executor = make_executor(config.executor, config.executor_options)
         try:
             flat = readout_selection(feat_path, units, inputs, cache / "decoded_chunks", executor, config.chunk_units,
-                                     progress=lambda i, n: log(f"  {i}/{n} tasks"))
+                                     progress=lambda i, n: log(f"  {i}/{n} tasks"), log=log)
         finally:
             if executor is not None:
                 executor.close()
@@ -384,7 +524,8 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
         executor = make_executor(config.executor, config.executor_options)
         try:
             flat = readout_cached(feat_path, C, units, cache / "decoded_chunks", executor, config.chunk_units,
-                                  progress=lambda i, n: log(f"  {i}/{n} tasks") if i == n or i % 50 == 0 else None)
+                                  progress=lambda i, n: log(f"  {i}/{n} tasks") if i == n or i % 50 == 0 else None,
+                                  log=log)
         finally:
             if executor is not None:
                 executor.close()
@@ -411,6 +552,22 @@ def decode_stage(train_path: Path, train: FmriData, image_index: np.ndarray, tra
     return decoded, {s.name: {} for s in sets}, stats, alphas
 
 
+def _load_decoded(dcache: Path, sets: list[TestSet], layers: list[str], log: Log):
+    """The decoded features, statistics and penalties of a finished decoding, or None (with a warning)
+    if a file of it is unreadable or lacks a test set or layer: then decoding runs again."""
+    z = load_or_none(dcache / "decoded.npz", load_npz, log)
+    stats = load_or_none(dcache / "feature_stats.npz", load_npz, log)
+    alphas = load_or_none(dcache / "alphas.json", lambda p: json.loads(p.read_text()), log)
+    if z is None or stats is None or alphas is None:
+        return None
+    try:
+        decoded = {s.name: {k: z[f"{s.name}/{k}"] for k in layers} for s in sets}
+    except KeyError as err:
+        log(f"  warning: {dcache / 'decoded.npz'} lacks {err}; decoding again")
+        return None
+    return decoded, stats, alphas
+
+
 def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out: Path,
                  config: PipelineConfig | None = None, log: Log | None = None, extra: dict | None = None,
                  cache_root: Path | None = None) -> dict:
@@ -425,38 +582,35 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
     config = config or PipelineConfig()
     log = log or Log()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    tests = {k: Path(v) for k, v in tests.items()}
+    models = check_run(tests, out, config)      # every setting, before any work
+    network, layers, recon_layers, generator = models.network, models.layers, models.recon_layers, models.generator
     torch.manual_seed(config.seed)
-    digest = config.digest([train_path, *tests.values()])
-    cache_root = Path(cache_root) if cache_root is not None else out / "cache"
-    cache = cache_root / digest
-    cache.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.model_dump_json(indent=2))
 
     log.stage("loading fMRI and images")
     train, image_index, train_labels, train_images, sets = load_inputs(train_path, tests, images_dir, config, log)
-    try:
-        network = load_network(config.network)
-    except ValueError as err:
-        raise PipelineError(str(err)) from err
-    layers = config.layers or network.layer_names
+    digest = config.digest([train_path, *tests.values()])
+    out.mkdir(parents=True, exist_ok=True)
+    cache_root = Path(cache_root) if cache_root is not None else out / "cache"
+    cache = cache_root / digest
+    cache.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.json", config.model_dump_json(indent=2))
 
     dcache = cache_root / f"decoded-{config.digest([train_path, *tests.values()], decoding_only=True)}"
-    if (dcache / "complete").exists():
+    reused = _load_decoded(dcache, sets, layers, log) if (dcache / "complete").exists() else None
+    if reused is not None:
         log.stage("decoding")
-        z = np.load(dcache / "decoded.npz")
-        decoded = {s.name: {k: z[f"{s.name}/{k}"] for k in layers} for s in sets}
-        stats = dict(np.load(dcache / "feature_stats.npz"))
-        alphas = json.loads((dcache / "alphas.json").read_text())
+        decoded, stats, alphas = reused
         decoding = {s.name: {} for s in sets}
         log(f"  reused decoded features from {dcache}")
     else:
         dcache.mkdir(parents=True, exist_ok=True)
+        (dcache / "complete").unlink(missing_ok=True)
         decoded, decoding, stats, alphas = decode_stage(train_path, train, image_index, train_labels, train_images,
                                                         sets, network, layers, config, cache_root, dcache, log)
-        np.savez(dcache / "decoded.npz", **{f"{s}/{k}": v for s, d in decoded.items() for k, v in d.items()})
-        np.savez(dcache / "feature_stats.npz", **stats)
-        (dcache / "alphas.json").write_text(json.dumps(alphas, indent=2))
+        save_npz(dcache / "decoded.npz", **{f"{s}/{k}": v for s, d in decoded.items() for k, v in d.items()})
+        save_npz(dcache / "feature_stats.npz", **stats)
+        write_json(dcache / "alphas.json", alphas)
         (dcache / "complete").touch()
     true_feats = {s.name: extract_features(network, s.images, layers) for s in sets}
     for s in sets:
@@ -466,23 +620,12 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                                                         stats[f"{layer}/mean"].ravel(), stats[f"{layer}/sd"])
         log(f"  profile r '{s.name}': " + ", ".join(f"{k} {v['profile_correlation']:.3f}"
                                                      for k, v in decoding[s.name].items()))
-    recon_layers = config.recon_layers or layers
-    unknown = [k for k in recon_layers if k not in layers]
-    if unknown:
-        raise PipelineError(f"recon_layers {unknown} are not among the decoded layers {layers}")
     for s in sets:
         decoded[s.name] = {k: decoded[s.name][k] for k in recon_layers}
         true_feats[s.name] = {k: true_feats[s.name][k] for k in recon_layers}
         if config.rescale:
             decoded[s.name] = {k: rescale_decoded(v, stats[f"{k}/mean"], float(stats[f"{k}/true_sd"]))
                                for k, v in decoded[s.name].items()}
-    generator = None
-    if config.recon.prior == "generator":
-        from .nets.generator import load_generator
-        try:
-            generator = load_generator(config.generator or "builtin")
-        except (ValueError, FileNotFoundError) as err:
-            raise PipelineError(str(err)) from err
     unit_weights = {}
     if config.unit_weighting == "reliability":
         unit_weights = {k: reliability_weights(stats[f"{k}/unit_r2"]) for k in recon_layers if f"{k}/unit_r2" in stats}
@@ -503,20 +646,23 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
             snap_file = cache / f"recon_{s.name}_{kind}_snapshots.npz"
             recon_cfg = config.recon.model_copy(   # snapshots are kept (and shown) for the decoded features only
                 update={"snapshots": snapshot_iterations(config) if kind == "decoded" else []})
-            if npy.exists():
-                images = np.load(npy)
-                snaps = {int(k): v for k, v in np.load(snap_file).items()} if snap_file.exists() else {}
-                log("  reused finished reconstructions")
+            images = load_or_none(npy, load_npy, log)
+            if images is not None and images.shape != (len(s.labels), 3, config.image_size, config.image_size):
+                log(f"  warning: {npy} holds images of shape {images.shape}; computing them again")
+                images = None
+            if images is not None:
+                snaps = {int(k): v for k, v in (load_or_none(snap_file, load_npz, log) or {}).items()}
+                log(f"  reused finished reconstructions of {len(images)} images from {npy}")
             else:
                 t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
                 raw, raw_snaps = reconstruct(t, network, config.image_size, recon_cfg, generator=generator,
                                              progress=lambda i, n: log(f"  {i}/{n} images"),
                                              checkpoint=cache / f"checkpoint_{s.name}_{kind}",
-                                             unit_weights=unit_weights)
+                                             unit_weights=unit_weights, log=log)
                 images = display_normalise(raw.numpy())
                 snaps = {it: display_normalise(v.numpy()) for it, v in sorted(raw_snaps.items())}
-                np.savez(snap_file, **{str(it): v for it, v in snaps.items()})
-                np.save(npy, images)
+                save_npz(snap_file, **{str(it): v for it, v in snaps.items()})
+                save_npy(npy, images)
             recon_images[s.name][kind] = images
             folder = out / "recon" / s.name if kind == "decoded" else out / "recon_true_features" / s.name
             for lab, img in zip(s.labels, images):
@@ -544,14 +690,14 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
             (f" (true features {entry['pixel_identification_true_features']:.3f})" if config.true_feature_recon else ""))
     log.stage("")
 
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     run_info = {"brainrecon": __version__, "config_digest": digest, "train": str(train_path),
                 "tests": {k: str(v) for k, v in tests.items()}, "images": str(images_dir),
                 "n_voxels": int(train.X.shape[1]), "n_train_samples": len(train.labels),
                 "n_train_images": len(train_labels), "alphas": alphas,
                 "layer_rois": {layer: roi_for_layer(layer, config) for layer in layers}, "stage_seconds": log.times,
                 "total_seconds": round(time.time() - log.t0, 1), **(extra or {})}
-    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    write_json(out / "run.json", run_info)
     write_report(out / "report.html", metrics, run_info, config,
                  {s.name: (s.labels, s.images, recon_images[s.name]) for s in sets})
     log(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")

@@ -8,6 +8,7 @@ name the groups ``dataSet``/``metaData``.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,7 +131,19 @@ def _open(path) -> tuple[Path, h5py.File]:
     if not path.is_file() or not h5py.is_hdf5(path):
         raise BDataError(f"{path}: not an HDF5 file; BData files are HDF5 written by bdpy (.h5), "
                          "convert .mat files with bdpy or pass the .h5 file")
-    return path, h5py.File(path, "r")
+    with _reading(path):
+        return path, h5py.File(path, "r")
+
+
+@contextmanager
+def _reading(path: Path):
+    """Turn HDF5 read errors (a truncated or damaged file) into one BDataError naming the file."""
+    try:
+        yield
+    except OSError as err:
+        raise BDataError(f"{path}: the HDF5 file is damaged or incomplete ({' '.join(str(err).split())}); "
+                         "it was probably cut short while copying or downloading: copy or download it again "
+                         "(brainrecon download NAME --force for a published file)") from None
 
 
 def _parts(path: Path, f: h5py.File):
@@ -159,7 +172,7 @@ def _parts(path: Path, f: h5py.File):
 def read_bdata(path) -> BData:
     """Read a whole BData file (``dataset``/``metadata`` or ``dataSet``/``metaData`` names)."""
     path, f = _open(path)
-    with f:
+    with f, _reading(path):
         ds, keys, desc, vals, vmap = _parts(path, f)
         return BData(np.asarray(ds[()], dtype=np.float64),
                      {k: (d, v.copy()) for k, d, v in zip(keys, desc, vals)}, vmap)
@@ -240,28 +253,46 @@ def _labels(path, ds, keys, vals, vmap) -> list[str]:
                      f"'stimulus_id', 'Label'); keys present: {keys}; add a stimulus_name column")
 
 
+def _roi_mask(path: Path, keys: list[str], vals: np.ndarray, roi: str) -> tuple[str, np.ndarray]:
+    """(canonical name, column indices) of ``roi`` (a name, a name without ``ROI_``, or a union ``A+B``)."""
+    rois = [k for k in keys if k.startswith("ROI_")]
+    names, mask = [], np.zeros(vals.shape[1], dtype=bool)
+    for part in (p.strip() for p in roi.split("+")):
+        name = part if part in keys else f"ROI_{part}"
+        if not part or name not in keys:
+            raise BDataError(f"{path}: unknown ROI {part!r}; available ROIs: {rois}; "
+                             "pass one of them (or a union like ROI_V1+ROI_V2)")
+        names.append(name)
+        mask |= vals[keys.index(name)] == 1
+    if "VoxelData" in keys:
+        mask &= vals[keys.index("VoxelData")] == 1
+    idx = np.flatnonzero(mask)
+    roi_name = "+".join(names)
+    if idx.size == 0:
+        raise BDataError(f"{path}: ROI {roi_name} has no voxel columns; choose another ROI from {rois}")
+    return roi_name, idx
+
+
+def check_rois(path, rois) -> None:
+    """Raise :class:`BDataError` unless every ROI of ``rois`` exists in the file and has voxels
+    (reads the metadata only)."""
+    path, f = _open(path)
+    with f, _reading(path):
+        _, keys, _, vals, _ = _parts(path, f)
+        for roi in rois:
+            _roi_mask(path, keys, vals, roi)
+
+
 def read_fmri(path, roi: str = "ROI_VC") -> FmriData:
     """Voxel responses of ``roi`` ("ROI_VC", "VC", or a union "ROI_V1+ROI_V2"), stimulus labels and
     runs, reading only the needed columns of /dataset."""
     path, f = _open(path)
-    with f:
+    with f, _reading(path):
         ds, keys, _, vals, vmap = _parts(path, f)
-        rois = [k for k in keys if k.startswith("ROI_")]
-        names, mask = [], np.zeros(vals.shape[1], dtype=bool)
-        for part in (p.strip() for p in roi.split("+")):
-            name = part if part in keys else f"ROI_{part}"
-            if name not in keys:
-                raise BDataError(f"{path}: unknown ROI {part!r}; available ROIs: {rois}; "
-                                 "pass one of them (or a union like ROI_V1+ROI_V2)")
-            names.append(name)
-            mask |= vals[keys.index(name)] == 1
-        if "VoxelData" in keys:
-            mask &= vals[keys.index("VoxelData")] == 1
-        idx = np.flatnonzero(mask)
-        roi_name = "+".join(names)
-        if idx.size == 0:
-            raise BDataError(f"{path}: ROI {roi_name} has no voxel columns; choose another ROI "
-                             f"from {rois}")
+        roi_name, idx = _roi_mask(path, keys, vals, roi)
+        if ds.shape[0] == 0:
+            raise BDataError(f"{path}: the file holds no samples (its dataset has 0 rows); pass a file with "
+                             "the fMRI samples of at least one presentation")
         labels = _labels(path, ds, keys, vals, vmap)
         X = _read_columns(ds, idx)
         bad = ~np.isfinite(X)
@@ -282,6 +313,6 @@ def read_fmri(path, roi: str = "ROI_VC") -> FmriData:
 def roi_keys(path) -> list[str]:
     """Names of the ROI metadata keys (``ROI_*``) of a BData file, in file order."""
     path, f = _open(path)
-    with f:
+    with f, _reading(path):
         _, keys, _, _, _ = _parts(path, f)
     return [k for k in keys if k.startswith("ROI_")]

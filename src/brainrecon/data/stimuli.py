@@ -22,6 +22,10 @@ SHAPES = ("square", "small_frame", "large_frame", "plus", "cross")
 LETTERS = tuple("ACEINORSTU")
 
 
+class StimulusError(ValueError):
+    """An image file that cannot be read; the message names the file and the fix."""
+
+
 @dataclass
 class StimulusSet:
     """Named images: ``images`` (n, 3, H, W) float32 in [0, 1], ``labels`` (n,)."""
@@ -107,9 +111,16 @@ def to_rgb(array: np.ndarray) -> np.ndarray:
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """An image file -> (3, size, size) float32 RGB; grey, palette and CMYK images are converted."""
-    with Image.open(path) as im:
-        rgb = im.convert("RGB")
+    """An image file -> (3, size, size) float32 RGB; grey, palette and CMYK images are converted.
+
+    Raises :class:`StimulusError` naming the file if it is not a readable image (truncated, corrupt).
+    """
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise StimulusError(f"{path}: not a readable image ({type(err).__name__}: {err}); the file is damaged "
+                            "or cut short: replace it with a valid image file") from None
     w, h = rgb.size
     side = min(w, h)  # centre square crop, as the paper's stimuli are square
     rgb = rgb.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))

@@ -25,6 +25,8 @@ import h5py
 import numpy as np
 import torch
 
+from ..cache import load_npy, load_or_none, save_npy
+
 Progress = Callable[[int, int], None] | None
 
 
@@ -141,9 +143,7 @@ def _task_result(result: np.ndarray, out: str | None) -> np.ndarray | str:
     """The task's result, or its file: written to a temporary name, then renamed (never half-written)."""
     if out is None:
         return result
-    tmp = f"{out}.tmp.npy"
-    np.save(tmp, result)
-    Path(tmp).replace(out)
+    save_npy(out, result)
     return out
 
 
@@ -198,27 +198,45 @@ def chunk_tasks(units: dict[str, int], chunk_units: int) -> list[tuple[str, int,
     return [(k, s, min(s + chunk_units, u)) for k, u in units.items() for s in range(0, u, chunk_units)]
 
 
+def _finished(task_file: str, per_unit: bool, warn) -> bool:
+    """Whether a task's result file (and, for per-unit tasks, its penalty and error files) can be read;
+    an unreadable one is moved aside with a warning, so the task runs again."""
+    files = [task_file] + ([unit_result_path(task_file, k) for k in ("alpha", "cverror")] if per_unit else [])
+    return all(load_or_none(f, load_npy, warn) is not None for f in files)
+
+
+def _run_tasks(fn, tasks: list[tuple], args_of, path_of: dict, per_unit: dict[str, bool], executor, progress,
+               log) -> None:
+    """Run the tasks whose results are not saved yet (``fn(*args_of(task))`` saves them)."""
+    warn = log or None
+    todo = [t for t in tasks if not _finished(path_of[t], per_unit[t[0]], warn)]
+    if log and len(todo) < len(tasks):
+        log(f"  reused {len(tasks) - len(todo)} of {len(tasks)} finished decoding tasks")
+    if todo:
+        cols = list(zip(*[args_of(t) for t in todo]))
+        results = executor.map(fn, *cols) if executor is not None else map(fn, *cols)
+        for i, _ in enumerate(results):
+            if progress:
+                progress(len(tasks) - len(todo) + i + 1, len(tasks))
+
+
 def readout_cached(cache: Path, C: dict[str, np.ndarray], units: dict[str, int], done_dir: Path,
-                   executor=None, chunk_units: int = 65536, progress: Progress = None) -> dict[str, np.ndarray]:
+                   executor=None, chunk_units: int = 65536, progress: Progress = None,
+                   log=None) -> dict[str, np.ndarray]:
     """``{layer: C[layer] @ Y_layer}`` from the feature cache, as independent (layer, unit chunk) tasks.
 
     ``C[layer]`` may also be a per-unit-penalty tuple (see :func:`decode_chunk`).
-    Each task's result is saved in ``done_dir``; tasks already saved there are not recomputed.
-    ``executor``: an object with ``map(fn, *iterables) -> iterable`` (see
-    :mod:`brainrecon.executors`); the tasks run in this process when None.
+    Each task's result is saved in ``done_dir``; tasks already saved there (and readable) are not
+    recomputed. ``executor``: an object with ``map(fn, *iterables) -> iterable`` (see
+    :mod:`brainrecon.executors`); the tasks run in this process when None. ``log``: told what was reused.
     """
     done_dir = Path(done_dir)
     done_dir.mkdir(parents=True, exist_ok=True)
     tasks = chunk_tasks(units, chunk_units)
     path_of = {t: task_path(done_dir, t[0], t[1]) for t in tasks}
-    todo = [t for t in tasks if not Path(path_of[t]).exists()]
-    if todo:
-        args = ([str(cache)] * len(todo), [t[0] for t in todo], [t[1] for t in todo], [t[2] for t in todo],
-                [C[t[0]] for t in todo], [path_of[t] for t in todo])
-        results = executor.map(decode_chunk, *args) if executor is not None else map(decode_chunk, *args)
-        for i, _ in enumerate(results):
-            if progress:
-                progress(len(tasks) - len(todo) + i + 1, len(tasks))
+    per_unit = {k: isinstance(c, tuple) for k, c in C.items()}
+    _run_tasks(decode_chunk, tasks, lambda t: (str(cache), *t, C[t[0]], path_of[t]), path_of, per_unit, executor,
+               progress, log)
     rows = {k: (c[0].shape[1] if isinstance(c, tuple) else len(c)) for k, c in C.items()}
     out = {k: np.empty((rows[k], u), np.float32) for k, u in units.items()}
     for k, s, e in tasks:
@@ -246,7 +264,7 @@ def select_decode_chunk(cache: str, layer: str, start: int, stop: int, Xz: np.nd
 
 
 def readout_selection(cache: Path, units: dict[str, int], inputs: dict[str, tuple], done_dir: Path, executor=None,
-                      chunk_units: int = 65536, progress: Progress = None) -> dict[str, np.ndarray]:
+                      chunk_units: int = 65536, progress: Progress = None, log=None) -> dict[str, np.ndarray]:
     """Voxel-selection decoding of every layer from the feature cache as resumable (layer, chunk) tasks.
 
     ``inputs[layer]``: (Xz, image_index, Xz_test, mean, sd, alpha, n_feat) for :func:`select_decode_chunk`.
@@ -255,13 +273,8 @@ def readout_selection(cache: Path, units: dict[str, int], inputs: dict[str, tupl
     done_dir.mkdir(parents=True, exist_ok=True)
     tasks = chunk_tasks(units, chunk_units)
     path_of = {t: task_path(done_dir, t[0], t[1]) for t in tasks}
-    todo = [t for t in tasks if not Path(path_of[t]).exists()]
-    run = executor.map if executor is not None else map
-    if todo:
-        cols = list(zip(*[(str(cache), t[0], t[1], t[2], *inputs[t[0]], path_of[t]) for t in todo]))
-        for i, _ in enumerate(run(select_decode_chunk, *cols)):
-            if progress:
-                progress(len(tasks) - len(todo) + i + 1, len(tasks))
+    _run_tasks(select_decode_chunk, tasks, lambda t: (str(cache), *t, *inputs[t[0]], path_of[t]), path_of,
+               dict.fromkeys(units, False), executor, progress, log)
     m = len(inputs[next(iter(units))][2])
     out = {k: np.empty((m, u), np.float32) for k, u in units.items()}
     for k, s, e in tasks:

@@ -62,17 +62,19 @@ def save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path, key: str) -> dict | None:
-    """The state saved at ``path`` (tensors on the CPU) if it exists and has ``key``, else None (with a warning
-    if a file is there but unreadable or from another problem: it is overwritten by the next save)."""
+def load(path: Path, key: str, warn=None) -> dict | None:
+    """The state saved at ``path`` (tensors on the CPU) if it exists and has ``key``, else None (with a warning,
+    through ``warn`` or :func:`warnings.warn`, if a file is there but unreadable or from another problem: it is
+    overwritten by the next save)."""
+    warn = warn or warnings.warn
     if not path.exists():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a damaged file (torch raises several types): start again
-        warnings.warn(f"ignoring unreadable checkpoint {path} ({type(err).__name__}: {err})")
+        warn(f"  warning: ignoring unreadable checkpoint {path} ({type(err).__name__}: {err}); starting the batch again")
         return None
     if not isinstance(state, dict) or state.get("key") != key:
-        warnings.warn(f"ignoring checkpoint {path}: it belongs to different settings, targets or weights")
+        warn(f"  warning: ignoring checkpoint {path}: it belongs to different settings, targets or weights")
         return None
     return state

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 PRIORS = ("gd", "lbfgs", "generator", "fourier", "dip")
 
@@ -15,10 +15,12 @@ class ReconConfig(BaseModel):
     every prior (L-BFGS: scipy's ``maxiter``). Fields prefixed ``lbfgs_``, ``latent_``/``generator_``,
     ``fourier_``, ``dip_`` belong to that prior; the gradient-descent fields (``lr_*``, ``momentum``)
     serve ``gd`` and ``generator``. Blur sizes are in pixels at ``blur_reference_size`` (224 px),
-    scaled to the image size; so are the augmentation shifts.
+    scaled to the image size; so are the augmentation shifts. Unknown fields are refused.
     """
+    model_config = ConfigDict(extra="forbid")
+
     prior: Literal["gd", "lbfgs", "generator", "fourier", "dip"] = "gd"
-    iterations: int = 200
+    iterations: int = Field(200, ge=1)
     # gradient descent on pixels ("gd", the paper's default) and on the latent ("generator")
     lr_start: float = 2.0
     lr_end: float = 1e-10
@@ -54,7 +56,7 @@ class ReconConfig(BaseModel):
     augment_rotate: float = 10.0       # rotation, uniform in +- degrees
     dip_augment: bool = False
     # execution
-    batch_size: int = 16
+    batch_size: int = Field(16, ge=1)
     seed: int = 0
     device: str = "cpu"                # torch device of the optimisation ("cpu", "cuda", "cuda:1")
     checkpoint_every: int = Field(20, ge=1)  # iterations between checkpoints (with reconstruct(checkpoint=...))

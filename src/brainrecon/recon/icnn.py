@@ -63,13 +63,15 @@ def make_prior(targets: dict[str, torch.Tensor], network, size: int, cfg: ReconC
     return PRIOR_CLASSES[cfg.prior](loss, size, cfg, streams, device)
 
 
-def _run_batch(prior: Prior, cfg: ReconConfig, path, key) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def _run_batch(prior: Prior, cfg: ReconConfig, path, key, log=None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     start, snaps, saved = 0, {}, -1
-    state = ckpt.load(path, key) if path is not None else None
+    state = ckpt.load(path, key, log) if path is not None else None
     if state is not None:
         prior.load_state_dict(state["prior"])
         prior.streams.load_state_dict(state["streams"])
         start, snaps, saved = state["iteration"], dict(state["snapshots"]), state["iteration"]
+        if log:
+            log(f"  resumed {path.name} at iteration {start} of {cfg.iterations} from its checkpoint")
     elif 0 in cfg.snapshots:
         snaps[0] = prior.images().clone()
 
@@ -98,7 +100,8 @@ def _run_batch(prior: Prior, cfg: ReconConfig, path, key) -> tuple[torch.Tensor,
 def reconstruct(targets: dict[str, torch.Tensor], network, size: int, config: ReconConfig | None = None,
                 progress: Callable[[int, int], None] | None = None, generator: nn.Module | None = None,
                 checkpoint: str | os.PathLike | None = None,
-                unit_weights: dict[str, torch.Tensor | np.ndarray] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                unit_weights: dict[str, torch.Tensor | np.ndarray] | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Reconstruct images (n, 3, size, size) in [0, 1] whose features match ``targets`` {layer: (n, ...)}.
 
     ``network(images (n, 3, H, W) in [0, 1], layers) -> {layer: (n, ...)}``; its parameters are frozen.
@@ -107,7 +110,8 @@ def reconstruct(targets: dict[str, torch.Tensor], network, size: int, config: Re
     ``progress(done, n)`` is called after each batch with the number of images done.
     ``checkpoint``: a folder or a path prefix; each batch's state is saved there every
     ``checkpoint_every`` iterations and when it finishes, and a rerun resumes from it (same result
-    as an uninterrupted run; L-BFGS restarts its optimiser from the saved image).
+    as an uninterrupted run; L-BFGS restarts its optimiser from the saved image); ``log`` is told
+    which batches resumed.
     Returns (images, {iteration: images}) for ``config.snapshots``, on the CPU. Deterministic for a
     seed: each batch's random streams are seeded by ``seed`` and the batch position.
     """
@@ -136,7 +140,7 @@ def reconstruct(targets: dict[str, torch.Tensor], network, size: int, config: Re
             path, key = ckpt.batch_path(checkpoint, b), ckpt.batch_key(base, b, batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         prior = make_prior(batch, network, size, cfg, cfg.seed * 100003 + b, generator, weights)
-        images, snap = _run_batch(prior, cfg, path, key)
+        images, snap = _run_batch(prior, cfg, path, key, log)
         out.append(images)
         for k, v in snap.items():
             snaps.setdefault(k, []).append(v)

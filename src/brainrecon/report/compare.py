@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..cache import write_text
 from ..data.stimuli import load_stimulus_set
 from .html import CSS, figure_data_uri, image_grid
 
@@ -70,4 +71,4 @@ def write_comparison_report(path: Path, title: str, results: dict[str, dict], fo
 {''.join(sections)}
 <h2>Reports of the variants</h2><ul>{links}</ul>
 </body></html>"""
-    Path(path).write_text(doc)
+    write_text(path, doc)

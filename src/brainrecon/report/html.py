@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import write_text
 from ..data.stimuli import png_bytes
 
 CSS = """
@@ -184,4 +185,4 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
 
 {html.escape(json.dumps(run_info, indent=2))}</pre></details>
 </body></html>"""
-    Path(path).write_text(doc)
+    write_text(path, doc)

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ..data.bdata import BData, write_bdata
 from ..data.natural import natural_images
@@ -28,15 +28,15 @@ from .cortex import CortexConfig, SyntheticCortex
 
 class SubjectConfig(BaseModel):
     """What to simulate. Presentation counts default to the paper's."""
-    seed: int = 0
-    n_train_images: int = 1200
-    n_test_natural: int = 50
-    train_reps: int = 5
-    natural_reps: int = 24
-    shapes_reps: int = 20
-    letters_reps: int = 12
-    stimulus_size: int = 128   # pixels of the saved stimulus images
-    images_per_run: int = 50
+    seed: int = Field(0, ge=0)
+    n_train_images: int = Field(1200, ge=2)
+    n_test_natural: int = Field(50, ge=2)     # pairwise identification needs two images
+    train_reps: int = Field(5, ge=1)
+    natural_reps: int = Field(24, ge=1)
+    shapes_reps: int = Field(20, ge=1)
+    letters_reps: int = Field(12, ge=1)
+    stimulus_size: int = Field(128, ge=16)    # pixels of the saved stimulus images
+    images_per_run: int = Field(50, ge=1)
     cortex: CortexConfig = CortexConfig()
 
 
