@@ -40,7 +40,7 @@ def main() -> None:
     layers = net.layer_names
     counts = np.bincount(image_index)
     log.stage("features")
-    stats = training_pass(net, train_images, layers, counts, n_sample=args.units, seed=1)
+    stats = training_pass(net, train_images.images, layers, counts, n_sample=args.units, seed=1)
     true = {s.name: extract_features(net, s.images, layers) for s in sets}
     log.stage("decoders")
     kr = KernelRidgeDecoder().fit(train.X, image_index)

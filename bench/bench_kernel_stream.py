@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from brainrecon.evaluate.decoding import decoding_accuracy
 from brainrecon.nets import load_network
 from brainrecon.nets.features import extract_features
-from brainrecon.pipeline import Log, PipelineConfig, decode_stage, load_inputs
+from brainrecon.decode.decoder import FeatureDecoder
+from brainrecon.pipeline import Log, PipelineConfig, feature_accuracy, load_inputs
 
 from _subject import bench_subject  # noqa: E402 - bench/ is the script's folder
 
@@ -52,17 +52,18 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)   # nothing reused: both passes are timed
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    decoded, _, stats, alphas = decode_stage(subject / "train.h5", train, image_index, labels, train_images, sets,
-                                             network, layers, cfg, cache, cache / "decoded", log)
+    decoder = FeatureDecoder(network, args.image_size, cache_dir=cache, tasks_dir=cache / "decoded", log=log,
+                             feature_store=args.store).fit(train, train_images)
+    decoded = decoder.predict_sets({s.name: s.fmri for s in sets})
     t_decode = time.time() - t0
     rss = peak_rss_gb()
     log.stage("scoring")
     true = extract_features(network, sets[0].images, layers)
-    scores = {k: decoding_accuracy(decoded["natural"][k].reshape(50, -1), true[k].reshape(50, -1),
-                                   stats[f"{k}/mean"].ravel(), stats[f"{k}/sd"]) for k in layers}
+    scores = feature_accuracy(decoded["natural"], true)
     log.stage("")
-    units = sum(int(np.prod(v.shape[1:])) for v in decoded["natural"].values())
+    units = sum(int(np.prod(v.shape[1:])) for v in decoded["natural"].features.values())
     # the penalty that decoded the test set (cross-validated for its averaged trials), else the layer's
+    alphas = {k: p.to_json() for k, p in decoded["natural"].alphas.items()}
     used = {k: v.get("test_alpha", {}).get("natural", v["alpha"]) for k, v in alphas.items()}
     result = {"image_size": args.image_size, "layers": len(layers), "units": units, "n_train_samples": len(image_index),
               "n_voxels": int(train.X.shape[1]), "store": args.store, "load_seconds": round(t_load, 1),

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from brainrecon.cli import DEMO
-from brainrecon.evaluate.decoding import decoding_accuracy
 from brainrecon.nets import load_network
 from brainrecon.nets.features import extract_features
-from brainrecon.pipeline import Log, PipelineConfig, decode_stage, load_inputs
+from brainrecon.decode.decoder import FeatureDecoder
+from brainrecon.pipeline import Log, PipelineConfig, feature_accuracy, load_inputs
 
 from _subject import bench_subject  # noqa: E402 - bench/ is the script's folder
 
@@ -46,21 +46,17 @@ def main() -> None:
                                                                      cfg, log)
         cache = args.work / "cache"
         cache.mkdir(parents=True, exist_ok=True)
+        settings = dict(cache_dir=cache, log=log, feature_store="disk", alpha_per=mode)
         if mode == "layer":   # the training features once, outside the timed stages
-            decode_stage(subject / "train.h5", train, image_index, labels, train_images, sets, network, layers,
-                         cfg, cache, cache / "warm", log)
+            FeatureDecoder(network, DEMO["image_size"], tasks_dir=cache / "warm", **settings).fit(train, train_images)
         t0 = time.time()
-        decoded, _, stats, alphas = decode_stage(subject / "train.h5", train, image_index, labels, train_images,
-                                                 sets, network, layers, cfg, cache, cache / f"decoded-{mode}-{t0:.0f}",
-                                                 log)
+        decoder = FeatureDecoder(network, DEMO["image_size"], tasks_dir=cache / f"decoded-{mode}-{t0:.0f}",
+                                 **settings).fit(train, train_images)
+        decoded = decoder.predict_sets({s.name: s.fmri for s in sets})
         seconds[mode] = time.time() - t0
-        alphas_of[mode] = alphas
-        results[mode] = {}
-        for s in sets:
-            true = extract_features(network, s.images, layers)
-            results[mode][s.name] = {
-                k: decoding_accuracy(decoded[s.name][k].reshape(len(s.labels), -1), true[k].reshape(len(s.labels), -1),
-                                     stats[f"{k}/mean"].ravel(), stats[f"{k}/sd"]) for k in layers}
+        alphas_of[mode] = {k: p.to_json() for k, p in next(iter(decoded.values())).alphas.items()}
+        results[mode] = {s.name: feature_accuracy(decoded[s.name], extract_features(network, s.images, layers))
+                         for s in sets}
     print(json.dumps({"seconds": seconds, "results": results}, indent=1, default=float))
 
     names = list(tests)

@@ -483,7 +483,7 @@ def test_run_without_the_data_names_the_download_commands(monkeypatch, tmp_path)
 
 def test_run_generator_example_without_the_data(monkeypatch, tmp_path):
     from brainrecon import cli
-    if "generator" not in cli.RUN_KEYS:
+    if "generator" not in cli._run_keys():
         pytest.skip("brainrecon run does not take `generator:` yet")
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
     monkeypatch.delenv("BRAINRECON_HOME")

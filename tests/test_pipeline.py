@@ -73,15 +73,20 @@ def test_end_to_end_tiny(small_subject, tmp_path):
     assert (out / "report.html").read_text().count(evolving) == 3
     assert json.loads((out / "metrics.json").read_text())["shapes"]["pixel_identification"] == \
         metrics["shapes"]["pixel_identification"]
+    # the folder belongs to that run: other settings are refused, naming what differs, unless --overwrite
+    refused = runner.invoke(app, _run_args(subject, out, "--unit-weighting", "none"))
+    assert refused.exit_code == 2 and "holds another run (it differs in unit_weighting)" in refused.output
     # equal unit weights: a reconstruction setting, the decoded features are reused
     equal = runner.invoke(app, _run_args(subject, out, "--unit-weighting", "none", "--no-true-features",
-                                         "--snapshots", "none"))
+                                         "--snapshots", "none", "--overwrite"))
     assert equal.exit_code == 0, equal.output
+    assert not (out / "recon_true_features").exists() and not (out / "recon_snapshots").exists()  # none stale
     assert "reused decoded features" in equal.output and "weighs units" not in equal.output
     assert not np.array_equal(final, np.asarray(Image.open(out / "recon" / "shapes" / f"{label}.png"), float))
     # other settings (here decoders fit on single presentations, as in the paper) keep the training-feature cache
     other = runner.invoke(app, _run_args(subject, out, tests=("letters",)) + ["--iterations", "3",
-                                                                               "--train-trials", "single"])
+                                                                               "--train-trials", "single",
+                                                                               "--overwrite"])
     assert other.exit_code == 0, other.output
     assert "fit on 1000 single presentations" in other.output and "reused decoded features" not in other.output
     assert len(list((out / "cache").glob("features-*.h5"))) == 1

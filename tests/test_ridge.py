@@ -276,7 +276,7 @@ def test_fit_on_image_means_predicts_averaged_inputs_better():
 
 
 def test_grid_edge_warning_only_where_the_score_still_improves():
-    from brainrecon.pipeline import grid_edge_warning
+    from brainrecon.decode.decoder import grid_edge_warning
     alphas = np.logspace(0, 4, 5)
     assert grid_edge_warning("conv1_1", alphas, np.array([0.30, 0.29, 0.2, 0.1, 0.0])) is not None   # rising to the edge
     assert grid_edge_warning("conv1_1", alphas, np.array([0.3004, 0.3, 0.2, 0.1, 0.0])) is None       # flat end

@@ -21,10 +21,11 @@ HVC_PARTS = "ROI_LOC+ROI_FFA+ROI_PPA"
 
 def compare_variants(train: Path, tests: dict[str, Path], images: Path, out: Path,
                      variants: dict[str, PipelineConfig], title: str, log: Log | None = None,
-                     x_axis: str | None = None) -> dict:
+                     x_axis: str | None = None, overwrite: bool = False) -> dict:
     """Run every variant and write the comparison; returns {variant: metrics}.
 
-    ``x_axis``: label of the variants' axis for an accuracy-against-variant figure (e.g. "layers").
+    ``x_axis``: label of the variants' axis for an accuracy-against-variant figure (e.g. "layers");
+    ``overwrite``: replace earlier runs in the variants' folders.
     """
     from .report.compare import write_comparison_report
 
@@ -39,7 +40,8 @@ def compare_variants(train: Path, tests: dict[str, Path], images: Path, out: Pat
     for i, (name, cfg) in enumerate(variants.items()):
         log(f"### variant {i + 1}/{len(variants)}: {name}")
         folders[name] = out / _slug(name)
-        results[name] = run_pipeline(train, tests, images, folders[name], cfg, log, cache_root=out / "cache")
+        results[name] = run_pipeline(train, tests, images, folders[name], cfg, log, cache_root=out / "cache",
+                                     overwrite=overwrite)
     table = {name: {s: {"pixel_identification": m["pixel_identification"],
                         **({"pixel_identification_true_features": m["pixel_identification_true_features"]}
                            if "pixel_identification_true_features" in m else {})}

@@ -102,12 +102,17 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
         _say(f"{name}: {p}")
 
 
-RUN_DEFAULTS = {"roi": "ROI_VC", "layer_roi": {}, "image_size": 224, "iterations": 200, "network": "hed-vgg16",
-                "seed": 0, "no_true_features": False, "prior": "gd", "generator": None, "layers": None,
-                "feature_store": "auto", "executor": "local", "executor_options": {}, "decoder": "kernel",
-                "alpha_per": "layer", "alpha_cv": "averaged", "train_trials": "averaged", "unit_weighting": "reliability",
-                "snapshots": None}
-RUN_KEYS = ("train", "test", "images", "out", *RUN_DEFAULTS)
+# the run command's options; every other setting is a field of PipelineConfig, given in a config file
+RUN_OPTIONS = ("roi", "layer_roi", "image_size", "iterations", "network", "seed", "no_true_features", "prior",
+               "generator", "layers", "feature_store", "executor", "executor_options", "decoder", "alpha_per",
+               "alpha_cv", "train_trials", "unit_weighting", "snapshots")
+OPTION_FIELDS = {"layer_roi": "layer_rois", "no_true_features": "true_feature_recon"}   # option -> config field
+
+
+def _run_keys() -> tuple[str, ...]:
+    """Keys of a run config file: the inputs, the run options, and every PipelineConfig field."""
+    from .pipeline import PipelineConfig
+    return tuple(dict.fromkeys(("train", "test", "images", "out", *RUN_OPTIONS, *PipelineConfig.model_fields)))
 
 
 def _pairs(items, flag: str, example: str) -> dict[str, str]:
@@ -140,9 +145,9 @@ def _read_config(path: Path) -> dict:
     if not isinstance(data, dict):
         _fail(f"{path}: a run config is a mapping of option names to values")
     data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(RUN_KEYS))
+    unknown = sorted(set(data) - set(_run_keys()))
     if unknown:
-        _fail(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(RUN_KEYS)}")
+        _fail(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(_run_keys())}")
     base = path.parent
     for key in ("train", "images", "out"):
         if key in data and not isinstance(data[key], str):
@@ -188,55 +193,60 @@ OPT = dict(
                                       "(default: 0 and 5, 12.5, 25, 50% of the iterations; 'none' for none)"),
     seed=typer.Option(None, help="random seed (default 0)"),
     no_true_features=typer.Option(None, "--no-true-features", help="skip reconstructions from true features"),
+    overwrite=typer.Option(False, "--overwrite", help="the output folder holds another run (other settings or "
+                                                      "inputs): replace that run's outputs (its caches are kept)"),
 )
 
 
 def _run_setup(config, given: dict):
-    """Merge defaults, config file and flags; check inputs; -> (PipelineConfig, train, tests, images, out)."""
+    """Merge the config file (option names or PipelineConfig fields, e.g. a run's config.json) and the
+    flags (which win); check inputs; -> (PipelineConfig, train, tests, images, out)."""
     from pydantic import ValidationError
 
     from .pipeline import PipelineConfig
-    from .recon.icnn import ReconConfig
 
-    given = dict(given)
+    given = {k: v for k, v in given.items() if v is not None}
     if given.get("test"):
         given["test"] = _pairs(given["test"], "--test", "NAME=PATH, e.g. --test natural=test.h5")
     if given.get("layer_roi"):
         given["layer_roi"] = _pairs(given["layer_roi"], "--layer-roi", "LAYER=ROI, e.g. --layer-roi conv1=ROI_V1+ROI_V2")
-    opts = {**RUN_DEFAULTS, **(_read_config(config) if config else {}),
-            **{k: v for k, v in given.items() if v is not None}}
+    opts = {**(_read_config(config) if config else {}), **given}
     missing = [k for k in ("train", "test", "images", "out") if not opts.get(k)]
     if missing:
         _fail("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or as keys of the config file)")
     opts = _check_inputs(opts, config, given)
-    layers = opts["layers"]
-    if isinstance(layers, str):
-        layers = [x.strip() for x in layers.split(",") if x.strip()]
-    generator = opts["generator"] or ("builtin" if opts["prior"] == "generator" else None)
-    snapshots = opts["snapshots"]
-    if isinstance(snapshots, str):
-        try:
-            snapshots = [] if snapshots.strip().lower() == "none" else [int(x) for x in snapshots.split(",") if x.strip()]
-        except ValueError:
-            _fail(f"--snapshots {opts['snapshots']!r}: give comma-separated iterations, e.g. 0,10,50, or none")
+    fields = {k: v for k, v in opts.items() if k in PipelineConfig.model_fields}
+    recon = dict(fields.pop("recon", None) or {})
+    recon.update({k: opts[k] for k in ("iterations", "prior") if k in opts})
+    if "layer_roi" in opts:
+        fields["layer_rois"] = _pairs(opts["layer_roi"], "layer_roi", "LAYER: ROI")
+    if "no_true_features" in opts:
+        fields["true_feature_recon"] = not opts["no_true_features"]
+    if isinstance(fields.get("layers"), str):
+        fields["layers"] = [x.strip() for x in fields["layers"].split(",") if x.strip()]
+    if isinstance(fields.get("snapshots"), str):
+        fields["snapshots"] = _snapshot_list(fields["snapshots"])
+    if recon.get("prior") == "generator" and not fields.get("generator"):
+        fields["generator"] = "builtin"
     try:
-        cfg = PipelineConfig(network=opts["network"], image_size=opts["image_size"], roi=opts["roi"], seed=opts["seed"],
-                             layer_rois=_pairs(opts["layer_roi"], "layer_roi", "LAYER: ROI"), layers=layers,
-                             recon=ReconConfig(iterations=opts["iterations"], seed=opts["seed"], prior=opts["prior"]),
-                             generator=generator, true_feature_recon=not opts["no_true_features"],
-                             feature_store=opts["feature_store"], executor=opts["executor"], decoder=opts["decoder"],
-                             executor_options=opts["executor_options"] or {}, alpha_per=opts["alpha_per"],
-                             alpha_cv=opts["alpha_cv"], train_trials=opts["train_trials"],
-                             unit_weighting=opts["unit_weighting"], snapshots=snapshots)
+        cfg = PipelineConfig(**fields, recon=recon)
     except ValidationError as e:
         _fail(settings_message(e))
     tests = {k: Path(v) for k, v in opts["test"].items()}
     return cfg, Path(opts["train"]), tests, Path(opts["images"]), Path(opts["out"])
 
 
+def _snapshot_list(text: str) -> list[int]:
+    try:
+        return [] if text.strip().lower() == "none" else [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--snapshots {text!r}: give comma-separated iterations, e.g. 0,10,50, or none")
+
+
 @app.command()
-def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any of the options below as keys "
-                                                         "(options given on the command line win)"),
+def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any of the options below, or any "
+                                                         "setting of a run's config.json, as keys (options given "
+                                                         "on the command line win)"),
         train: Optional[Path] = OPT["train"], test: Optional[list[str]] = OPT["test"],
         images: Optional[Path] = OPT["images"], out: Optional[Path] = OPT["out"], roi: Optional[str] = OPT["roi"],
         layer_roi: Optional[list[str]] = OPT["layer_roi"], image_size: Optional[int] = OPT["image_size"],
@@ -247,13 +257,14 @@ def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any o
         alpha_cv: Optional[str] = OPT["alpha_cv"], train_trials: Optional[str] = OPT["train_trials"],
         unit_weighting: Optional[str] = OPT["unit_weighting"],
         snapshots: Optional[str] = OPT["snapshots"],
-        seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"]):
+        seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"],
+        overwrite: bool = OPT["overwrite"]):
     """Run the whole pipeline on BData files: decode, reconstruct, evaluate, report."""
-    given = {k: v for k, v in locals().items() if k != "config"}
+    given = {k: v for k, v in locals().items() if k not in ("config", "overwrite")}
     from .pipeline import run_pipeline
 
     cfg, train_path, tests, images_dir, out_dir = _run_setup(config, given)
-    _run_guarded(lambda: run_pipeline(train_path, tests, images_dir, out_dir, cfg), out_dir)
+    _run_guarded(lambda: run_pipeline(train_path, tests, images_dir, out_dir, cfg, overwrite=overwrite), out_dir)
 
 
 COMPARISONS = ("rois", "layers", "priors")
@@ -276,9 +287,10 @@ def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis
         alpha_cv: Optional[str] = OPT["alpha_cv"], train_trials: Optional[str] = OPT["train_trials"],
         unit_weighting: Optional[str] = OPT["unit_weighting"],
         snapshots: Optional[str] = OPT["snapshots"],
-            seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"]):
+            seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"],
+            overwrite: bool = OPT["overwrite"]):
     """Run variants of the pipeline on the same data and compare them in one report (out/report.html)."""
-    given = {k: v for k, v in locals().items() if k not in ("what", "config", "variants")}
+    given = {k: v for k, v in locals().items() if k not in ("what", "config", "variants", "overwrite")}
     from . import analyses
     from .nets import load_network
     from .recon.config import PRIORS
@@ -302,8 +314,8 @@ def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis
         if "generator" in runs and not cfg.generator:
             runs["generator"] = runs["generator"].model_copy(update={"generator": "builtin"})
         title, axis = "Reconstruction priors on the same decoded features", None
-    _run_guarded(lambda: analyses.compare_variants(train_path, tests, images_dir, out_dir, runs, title, x_axis=axis),
-                 out_dir)
+    _run_guarded(lambda: analyses.compare_variants(train_path, tests, images_dir, out_dir, runs, title, x_axis=axis,
+                                                   overwrite=overwrite), out_dir)
 
 
 @app.command()
@@ -441,7 +453,8 @@ def _judge_inputs(run_dir: Path, images: Optional[Path], which: str, pairs_per_i
 
 
 def _default_answers(run_dir: Path, which: str) -> Path:
-    return run_dir / "judgments" / ("answers.jsonl" if which == "decoded" else f"answers_{which}.jsonl")
+    from .runfolder import RunFolder
+    return RunFolder(run_dir).answers(which)
 
 
 @judge_app.command()
@@ -518,8 +531,10 @@ def score(run_dir: Path = typer.Argument(..., help="folder of the run the judgme
         _fail(str(e))
     if not scores:
         _fail("the answers files hold no judgments")
+    from .runfolder import RunFolder
+
     suffix = "" if which == "decoded" else "_true_features"
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = RunFolder(run_dir).metrics
     try:
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     except (ValueError, OSError) as e:
@@ -534,7 +549,7 @@ def score(run_dir: Path = typer.Argument(..., help="folder of the run the judgme
         typer.echo(f"{name:<12}{s['human_identification']:>8.1%}{ci:>16}"
                    f"{s['n_judgments']:>11}{s['n_raters']:>8}{s['trials_covered']:>9.0%}"
                    f"{'' if pixel is None else f'{pixel:.1%}':>8}")
-    out = run_dir / f"human_judgment{suffix}.json"
+    out = RunFolder(run_dir).human_scores(which)
     write_json(out, scores)
     write_json(metrics_path, metrics)
     _say(f"wrote {out} and {metrics_path}")

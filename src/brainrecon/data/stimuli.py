@@ -4,6 +4,7 @@ Images are ``(n, 3, H, W)`` float32 RGB in [0, 1] (the package-wide convention).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,55 @@ class StimulusSet:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def identity(self) -> str:
+        """Digest of the images' pixels (a cache key of what was computed from them)."""
+        return hashlib.sha256(np.ascontiguousarray(self.images, np.float32).tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class Stimuli:
+    """Image files of labels, loaded on demand at the size a stage needs (:func:`load_images`).
+
+    ``labels`` (unique, in order of first appearance), ``paths`` {label: file}.
+    """
+    labels: list[str]
+    paths: dict[str, Path]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, size: int) -> StimulusSet:
+        """The images as a :class:`StimulusSet` (n, 3, size, size), centre-cropped to a square."""
+        return StimulusSet("images", list(self.labels), np.stack([load_image(self.paths[lab], size) for lab in self.labels]))
+
+    @property
+    def identity(self) -> str:
+        """Digest of the files used (path, size, modification time): changes when an image changes."""
+        h = hashlib.sha256()
+        for lab in self.labels:
+            st = self.paths[lab].stat()
+            h.update(f"{lab}|{self.paths[lab].resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def load_images(directory: str | Path, labels, size: int | None = None) -> Stimuli | StimulusSet:
+    """The stimulus image of each label in ``directory`` (found by file stem, subfolders included).
+
+    Parameters
+    ----------
+    directory : path
+        Folder of images named ``<label>.<ext>`` (any common extension and case).
+    labels : sequence of str
+        Labels, e.g. an ``FmriData``'s per-sample labels; repeats are dropped (first appearance kept).
+    size : int, optional
+        Load now at this size and return a :class:`StimulusSet` (n, 3, size, size); default a
+        :class:`Stimuli` that each stage loads at its own size.
+    """
+    labels = list(dict.fromkeys(labels))
+    stimuli = Stimuli(labels, find_images(Path(directory), labels))
+    return stimuli if size is None else stimuli.load(size)
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
@@ -158,5 +208,5 @@ def find_images(directory: Path, labels: list[str]) -> dict[str, Path]:
 
 def load_stimulus_set(name: str, directory: Path, labels: list[str], size: int) -> StimulusSet:
     """Load the images of ``labels`` (unique, in order) from ``directory``."""
-    paths = find_images(directory, labels)
-    return StimulusSet(name, list(labels), np.stack([load_image(paths[lab], size) for lab in labels]))
+    loaded = Stimuli(list(labels), find_images(directory, labels)).load(size)
+    return StimulusSet(name, loaded.labels, loaded.images)

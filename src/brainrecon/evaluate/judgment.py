@@ -29,8 +29,8 @@ import numpy as np
 from scipy.stats import binomtest
 
 from ..data.stimuli import find_images
+from ..runfolder import RECON_FOLDERS, RunFolder
 
-RECON_FOLDERS = {"decoded": "recon", "true": "recon_true_features"}
 MAX_RATER_LENGTH = 100
 BAD_NAME_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}     # controls, lone surrogates, line and paragraph separators
 
@@ -72,12 +72,13 @@ def run_images(run_dir: Path, images: Path | None = None, which: str = "decoded"
     run_dir = Path(run_dir)
     if which not in RECON_FOLDERS:
         raise JudgmentError(f"unknown reconstructions {which!r}: use one of {', '.join(RECON_FOLDERS)}")
-    folder = run_dir / RECON_FOLDERS[which]
+    run = RunFolder(run_dir)
+    folder = run.recon_dir(which)
     if not folder.is_dir():
         raise JudgmentError(f"{folder} does not exist: judge the folder of a finished `brainrecon run` or "
                             "`brainrecon demo` (it holds recon/<test set>/<label>.png)")
     if images is None:
-        info = run_dir / "run.json"
+        info = run.run_info
         if not info.is_file():
             raise JudgmentError(f"{info} is missing, so the stimulus folder is unknown: pass --images DIR")
         try:

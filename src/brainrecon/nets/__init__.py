@@ -14,12 +14,15 @@ def load_network(spec: str = "hed-vgg16") -> VGGEncoder:
     ``vgg19-caffe:PATH``: the lab's ``VGG_ILSVRC_19_layers.pt`` (Caffe preprocessing).
     ``vgg19-torchvision:PATH``: torchvision's ``vgg19-dcbb9e9d.pth`` (torchvision preprocessing).
     """
-    if spec == "hed-vgg16":
-        return load_hed_vgg16()
     kind, sep, path = spec.partition(":")
-    if sep and path and kind in ("vgg19-caffe", "vgg19-torchvision"):
-        return load_vgg19(path, "caffe" if kind == "vgg19-caffe" else "torchvision")
-    raise ValueError(f"unknown network {spec!r}; available: {', '.join(NETWORKS)}")
+    if spec == "hed-vgg16":
+        net = load_hed_vgg16()
+    elif sep and path and kind in ("vgg19-caffe", "vgg19-torchvision"):
+        net = load_vgg19(path, "caffe" if kind == "vgg19-caffe" else "torchvision")
+    else:
+        raise ValueError(f"unknown network {spec!r}; available: {', '.join(NETWORKS)}")
+    net.spec = spec          # names the network in cache keys
+    return net
 
 
 __all__ = ["VGGEncoder", "conv_layer_names", "hed_weights_path", "load_hed_vgg16", "load_network", "load_vgg19",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from .dip import DIPAdam
 from .fourier import FourierAdam
 from .latent import LatentGD
 from .lbfgs import PixelLBFGS
-from .objective import FeatureLoss, layer_weights
+from .objective import FeatureLoss, layer_weights, reliability_weights
 from .pixels import PixelGD
 from .transforms import blur_chroma, gaussian_blur
 
@@ -157,3 +158,60 @@ def display_normalise(images: torch.Tensor | np.ndarray, percent: float = 2.0) -
         lo, hi = np.percentile(img, [percent, 100 - percent])
         out[i] = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
     return out
+
+
+@dataclass
+class Reconstruction:
+    """Reconstructed images: ``images`` (n, 3, H, W) in [0, 1] (display-normalised, as the paper shows
+    them), ``labels`` (n,), ``snapshots`` {iteration: (n, 3, H, W)}. Behaves as the images array."""
+    images: np.ndarray
+    labels: list[str]
+    snapshots: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.images if dtype is None else self.images.astype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def reconstruct_decoded(decoded, network, config: ReconConfig | None = None, *,
+                        unit_weighting: str = "reliability", layers: list[str] | None = None,
+                        generator: nn.Module | None = None, checkpoint: str | os.PathLike | None = None,
+                        progress: Callable[[int, int], None] | None = None,
+                        log: Callable[[str], None] | None = None) -> Reconstruction:
+    """Reconstruct the images of decoded features (``brainrecon.reconstruct``).
+
+    Parameters
+    ----------
+    decoded : DecodedFeatures
+        Features {layer: (n, *unit_shape)} of one test set, with their labels and image size.
+    network : VGGEncoder
+        The network the features were decoded for.
+    config : ReconConfig, optional
+        The prior and its settings (default: the paper's pixel gradient descent, 200 iterations).
+    unit_weighting : {"reliability", "none"}
+        "reliability": each unit's squared error weighted by its decoding R^2 (``decoded.unit_r2``,
+        clipped at 0, mean 1 per layer) where known; "none": all units equal (the paper).
+    layers : list of str, optional
+        Layers whose features are matched (default all decoded ones).
+    generator : module, optional
+        For ``prior="generator"``; default the built-in generator.
+    checkpoint, progress, log
+        As for :func:`reconstruct` (resumable batches, progress per batch, resume messages).
+    """
+    cfg = config or ReconConfig()
+    if unit_weighting not in ("reliability", "none"):
+        raise ValueError(f"unit_weighting must be reliability or none, not {unit_weighting!r}")
+    layers = layers or list(decoded.features)
+    if cfg.prior == "generator" and generator is None:
+        from ..nets.generator import load_generator
+        generator = load_generator("builtin")
+    weights = {}
+    if unit_weighting == "reliability":
+        weights = {k: reliability_weights(decoded.unit_r2[k]) for k in layers if k in decoded.unit_r2}
+    targets = {k: torch.from_numpy(np.ascontiguousarray(decoded.features[k])) for k in layers}
+    raw, raw_snaps = reconstruct(targets, network, decoded.image_size, cfg, progress=progress, generator=generator,
+                                 checkpoint=checkpoint, unit_weights=weights, log=log)
+    return Reconstruction(display_normalise(raw.numpy()), list(decoded.labels),
+                          {it: display_normalise(v.numpy()) for it, v in sorted(raw_snaps.items())})

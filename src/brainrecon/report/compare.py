@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from ..cache import write_text
+from ..runfolder import RunFolder
 from ..data.stimuli import load_stimulus_set
 from .html import CSS, figure_data_uri, image_grid
 
@@ -59,7 +60,7 @@ def write_comparison_report(path: Path, title: str, results: dict[str, dict], fo
     sections = []
     for s in sets:
         labels = list(results[names[0]][s]["per_image_pixel_identification"])
-        recons = {v: np.stack([_load_png(folders[v] / "recon" / s / f"{lab}.png") for lab in labels]) for v in names}
+        recons = {v: np.stack([_load_png(RunFolder(folders[v]).recon_png(s, lab)) for lab in labels]) for v in names}
         size = next(iter(recons.values())).shape[-1]
         stimuli = load_stimulus_set(s, images_dir, labels, size).images
         sections.append(f"<h2>{html.escape(s)}</h2>" + image_grid([("stimulus", stimuli)] + list(recons.items()), labels))
