@@ -196,8 +196,10 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_says_what_it_reused(small_subje
     cmd = [sys.executable, "-m", "brainrecon", *_args(subject, out, "--no-true-features")]
     cmd[cmd.index("--iterations") + 1] = "120"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # a shell that starts jobs in the background makes them ignore SIGINT, and Python then keeps it ignored:
+    # give the run the default disposition a terminal gives it
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:                       # interrupt while reconstructing, after the first checkpoint
         seen.append(line)
