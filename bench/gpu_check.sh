@@ -35,7 +35,7 @@ else
     wheels=$here/gpu_wheels
     site=${GPU_CHECK_SITE:-/tmp/brainrecon-gpu-site}
     if ! ls "$wheels"/*.whl >/dev/null 2>&1; then
-        echo "gpu_check: no wheels in $wheels: run bash bench/gpu_prepare.sh here and carry bench/gpu_wheels" >&2
+        echo "gpu_check: no wheels in $wheels: run bash bench/gpu_prepare.sh first and copy bench/gpu_wheels with the tree" >&2
         exit 2
     fi
     # --ignore-requires-python: bdpy 0.26 declares Python < 3.12; the image's python3 is 3.12

