@@ -253,7 +253,7 @@ class FeatureDecoder:
         stage = getattr(self.log, "stage", None)
         (stage or self.log)(name if stage else f"== {name}")
 
-    def fit(self, train: FmriData, images) -> "FeatureDecoder":
+    def fit(self, train: FmriData, images, n_presentations: list[float] = ()) -> "FeatureDecoder":
         """Fit on training fMRI and the images its samples saw.
 
         Parameters
@@ -263,7 +263,12 @@ class FeatureDecoder:
         images : StimulusSet or Stimuli
             The training images: ``labels`` (unique) and ``images`` (n_images, 3, H, W) at
             ``image_size`` (a :class:`~brainrecon.data.stimuli.Stimuli` is loaded at that size).
+        n_presentations : list of float, optional
+            Presentations per image of the test sets to come: their penalties' cross-validation
+            shares its work with the fit's (``predict`` computes others when needed).
         """
+        self._cv_tables: dict[str, dict] = {}
+        self._expected_presentations = [float(r) for r in n_presentations]
         cfg = self.config
         stimuli = _at_size(images, self.image_size)
         index = {lab: i for i, lab in enumerate(stimuli.labels)}
@@ -332,11 +337,22 @@ class FeatureDecoder:
                         else f"{len(self.image_index_)} single presentations"))
             self.decoders_[roi] = KernelRidgeDecoder(np.array(cfg.alphas)).fit(X, self.image_index_, average)
         self.penalties_ = {}
+        averaged = self._expected_presentations if cfg.alpha_cv == "averaged" else []
         for layer in self.layers_:
             dec = self.decoders_[self._roi(layer)]
-            scores = dec.cv_scores_averaged(self.stats_[layer].sample, [None])[0]
+            scores = self._cv_scores(layer, [None, *averaged])[None]
             self.penalties_[layer] = LayerPenalty(self._roi(layer), float(dec.alphas[int(np.argmax(scores))]),
                                                   float(scores.max()))
+
+    def _cv_scores(self, layer: str, n_averages: list) -> dict:
+        """{R: leave-one-image-out R^2 (n_alphas,)} of a layer for inputs averaged over R presentations
+        (None: single presentations), computed once per layer and R."""
+        table = self._cv_tables.setdefault(layer, {})
+        todo = [r for r in dict.fromkeys(n_averages) if r not in table]
+        if todo:
+            dec = self.decoders_[self._roi(layer)]
+            table.update(zip(todo, dec.cv_scores_averaged(self.stats_[layer].sample, todo)))
+        return table
 
     # ------------------------------------------------------------------ predict
     def predict(self, test: FmriData) -> DecodedFeatures:
@@ -409,7 +425,7 @@ class FeatureDecoder:
         C = {}
         for layer in self.layers_:
             dec, p = self.decoders_[self._roi(layer)], penalties[layer]
-            table = dict(zip([None] + averaged, dec.cv_scores_averaged(self.stats_[layer].sample, [None] + averaged)))
+            table = self._cv_scores(layer, [None] + averaged)
             test_scores = {n: table[s.n_presentations if averaged else None] for n, s in sets.items()}
             test_alpha = {n: float(dec.alphas[int(np.argmax(v))]) for n, v in test_scores.items()}
             if averaged:
