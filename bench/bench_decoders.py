@@ -25,6 +25,8 @@ import time
 import warnings
 from pathlib import Path
 
+from _machine import cpu_name   # bench/ is the script's folder, first on sys.path
+
 import numpy as np
 
 WORKERS = ("selection_brainrecon", "selection_brainrecon_f64", "selection_fastl2lir",
@@ -201,7 +203,7 @@ def main() -> None:
 
     load = [os.getloadavg()[0]]
     results: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                     "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": _cpu_name(),
+                     "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": cpu_name(),
                                  "python": platform.python_version(), "numpy": np.__version__}}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -237,16 +239,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(text)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def projection(res: dict, units: float = 15.4e6, n: int = 6000, fits: int = 19,

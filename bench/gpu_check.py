@@ -33,6 +33,8 @@ import traceback
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from _machine import cpu_name   # bench/ is the script's folder, first on sys.path
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 STEPS = ("agreement", "selection", "recon", "workload")
@@ -124,7 +126,7 @@ def machine_facts() -> dict:
     facts = {"python": platform.python_version(), "platform": platform.platform(), "numpy": np.__version__,
              "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": None, "gpu": None,
              "gpu_memory_gib": None, "cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-             "cpu_model": _cpu_name(), "torch_threads": torch.get_num_threads(),
+             "cpu_model": cpu_name(), "torch_threads": torch.get_num_threads(),
              "tf32_defaults": {"matmul": torch.backends.cuda.matmul.allow_tf32,
                                "cudnn": torch.backends.cudnn.allow_tf32}}
     if torch.cuda.is_available():
@@ -148,16 +150,6 @@ def machine_facts() -> dict:
     except Exception as err:  # noqa: BLE001
         facts["weights"] = f"not found ({type(err).__name__}: {err})"
     return facts
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # ----------------------------------------------------------------------------- one step, in its own process
