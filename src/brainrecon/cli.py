@@ -106,7 +106,6 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
 RUN_OPTIONS = ("roi", "layer_roi", "image_size", "iterations", "network", "seed", "no_true_features", "prior",
                "generator", "layers", "feature_store", "executor", "executor_options", "decoder", "alpha_per",
                "alpha_cv", "train_trials", "unit_weighting", "snapshots")
-OPTION_FIELDS = {"layer_roi": "layer_rois", "no_true_features": "true_feature_recon"}   # option -> config field
 
 
 def _run_keys() -> tuple[str, ...]:

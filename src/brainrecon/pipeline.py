@@ -373,9 +373,9 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
     train, image_index, train_labels, train_images, sets = load_inputs(train_path, tests, images_dir, config, log)
     identity = "|".join([train_images.identity, *(StimulusSet(s.name, s.labels, s.images).identity for s in sets)])
     digest = config.digest([train_path, *tests.values()], images=identity)
-    folder = RunFolder(out)
+    folder, settings = RunFolder(out), _describe(config, train_path, tests, images_dir)
     try:
-        resumed = folder.claim(digest, _describe(config, train_path, tests, images_dir), overwrite)
+        resumed = folder.claim(digest, settings, overwrite)
     except RunFolderError as err:
         raise PipelineError(str(err)) from None
     if resumed:
@@ -400,7 +400,7 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                 "alphas": {k: p.to_json() for k, p in next(iter(decoded.values())).alphas.items()},
                 "layer_rois": {layer: roi_for_layer(layer, config) for layer in models.layers},
                 "stage_seconds": log.times, "total_seconds": round(time.time() - log.t0, 1),
-                "settings": _describe(config, train_path, tests, images_dir), **(extra or {})}
+                "settings": settings, **(extra or {})}
     write_json(folder.run_info, run_info)
     write_report(folder.report, metrics, run_info, config, shown)
     log(f"wrote {folder.metrics} and {folder.report}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ class StimulusSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    @property
+    @cached_property
     def identity(self) -> str:
         """Digest of the images' pixels (a cache key of what was computed from them)."""
         return hashlib.sha256(np.ascontiguousarray(self.images, np.float32).tobytes()).hexdigest()[:16]

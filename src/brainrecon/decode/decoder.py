@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..cache import load_npz, load_or_none, save_npz
+from ..cache import load_npz, load_or_none, save_npz, write_json
 from ..data.bdata import FmriData, read_fmri
 from .ridge import DEFAULT_ALPHAS, KernelRidgeDecoder, unit_r2
 from .streaming import (LayerStats, combination_weights, read_unit_results, readout_cached, readout_selection,
@@ -144,7 +144,6 @@ def save_decoded(folder: Path, decoded: dict[str, DecodedFeatures]) -> None:
     meta = {"sets": {s: {"labels": d.labels, "n_presentations": d.n_presentations} for s, d in decoded.items()},
             "image_size": first.image_size, "channel_sd": first.channel_sd,
             "alphas": {k: p.to_json() for k, p in first.alphas.items()}}
-    from ..cache import write_json
     write_json(folder / "decoded.json", meta)
 
 
@@ -279,7 +278,8 @@ class FeatureDecoder:
         self.image_index_ = np.array([index[lab] for lab in train.labels])
         self.counts_ = np.bincount(self.image_index_, minlength=len(stimuli.labels))
         self.layers_ = list(cfg.layers or self.network.layer_names)
-        self.unit_shapes_ = {k: self.network.unit_shapes(self.image_size)[k] for k in self.layers_}
+        shapes = self.network.unit_shapes(self.image_size)
+        self.unit_shapes_ = {k: shapes[k] for k in self.layers_}
         units = self.units_ = {k: int(np.prod(s)) for k, s in self.unit_shapes_.items()}
         cache_bytes = 4 * len(stimuli.images) * sum(units.values())
         store = "disk" if cfg.decoder == "selection" else cfg.feature_store   # selection needs whole features
