@@ -3,18 +3,15 @@
 Eight metrics, each computed as those papers' public evaluation code computes it (docs/evaluation.md,
 "NSD protocol", states every choice):
 
-========== ============== ====================================================================== ===========
-metric     kind           features                                                               direction
-========== ============== ====================================================================== ===========
-pixcorr    similarity     RGB pixels at 425 px, Pearson r with the own stimulus                   higher
-ssim       similarity     greyscale (rgb2gray) at 425 px, Gaussian sigma 1.5, data range 1      higher
-alexnet2   identification AlexNet ``features.4`` (ReLU after conv2), 256 px, ImageNet norm.      higher
-alexnet5   identification AlexNet ``features.11`` (ReLU after conv5), 256 px, ImageNet norm.     higher
-inceptionv3 identification InceptionV3 ``avgpool`` (2048-d), 342 px, ImageNet norm.              higher
-clip       identification CLIP ViT-L/14 image embedding (768-d), 224 px, CLIP norm.              higher
-effnet     distance       EfficientNet-B1 ``avgpool`` (1280-d), 255 px, correlation distance     lower
-swav       distance       SwAV ResNet-50 ``avgpool`` (2048-d), 224 px, correlation distance      lower
-========== ============== ====================================================================== ===========
+- ``pixcorr`` (similarity, higher is better): RGB pixels at 425 px, Pearson r with the own stimulus.
+- ``ssim`` (similarity, higher): greyscale (skimage ``rgb2gray``) at 425 px, Gaussian weights sigma 1.5,
+  population covariances, data range 1.
+- ``alexnet2`` / ``alexnet5`` (identification, higher): AlexNet ``features.4`` / ``features.11`` (ReLU after
+  conv2 / conv5) at 256 px, ImageNet normalisation.
+- ``inceptionv3`` (identification, higher): InceptionV3 ``avgpool`` (2048-d) at 342 px.
+- ``clip`` (identification, higher): CLIP ViT-L/14 image embedding (768-d) at 224 px, CLIP normalisation.
+- ``effnet`` (distance, lower is better): EfficientNet-B1 ``avgpool`` (1280-d) at 255 px, correlation distance.
+- ``swav`` (distance, lower): SwAV ResNet-50 ``avgpool`` (2048-d) at 224 px, correlation distance.
 
 Resizing: bilinear, the shorter side to the protocol size (torchvision's ``Resize(size)``); reconstructions
 smaller than that are upsampled without antialiasing (which changes nothing when upsampling), larger
