@@ -203,7 +203,7 @@ def test_protocol_on_all_networks(weight_files):
     assert metrics[2].to_json()["n"] == 3 and len(messages) == 5
 
 
-def test_missing_weights_are_skipped_with_where_to_get_them(tmp_path):
+def test_missing_weights_are_skipped_with_where_to_get_them(tmp_path, weight_files):
     stimuli = smooth_images(3, seed=5)
     recons = np.clip(stimuli + 0.1 * smooth_images(3, seed=6), 0, 1)
     metrics, skipped = nsd_protocol(recons, stimuli, {"alexnet": tmp_path / "nope.pth"})
@@ -212,6 +212,10 @@ def test_missing_weights_are_skipped_with_where_to_get_them(tmp_path):
     assert "nope.pth" in skipped["alexnet2"] and "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" \
         in skipped["alexnet2"]
     assert "ViT-L-14.pt" in skipped["clip"] and "openaipublic" in skipped["clip"]
+    # reconstructions at the run's size, stimuli at their own: both resized to each protocol size
+    metrics, _ = nsd_protocol(recons[:, :, ::2, ::2], stimuli, {"alexnet": weight_files[1]["alexnet"]})
+    assert [m.name for m in metrics] == ["pixcorr", "ssim", "alexnet2", "alexnet5"]
+    assert 0.5 < metrics[0].mean() < 1 and metrics[2].per_image.shape == (3,)
     with pytest.raises(ValueError, match="unknown evaluation network.*clip-vit-l14"):
         nsd_protocol(recons, stimuli, {"clip": "ViT-L-14.pt"})
 

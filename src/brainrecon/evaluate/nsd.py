@@ -267,11 +267,17 @@ def nsd_protocol(recons: np.ndarray, stimuli: np.ndarray, weights: Mapping[str, 
             log(f"NSD protocol: {', '.join(s.metric for s in specs)} skipped: {err}")
             continue
         log(f"NSD protocol: {name} on {n} reconstructions and their stimuli")
-        feats = _features(net, np.concatenate([recons, stimuli]), {s.layer: s.size for s in specs}, device,
-                          batch_size)
+        layers = {s.layer: s.size for s in specs}
+        if recons.shape == stimuli.shape:      # one pass over both
+            both = _features(net, np.concatenate([recons, stimuli]), layers, device, batch_size)
+            pred_feats = {k: v[:n] for k, v in both.items()}
+            true_feats = {k: v[n:] for k, v in both.items()}
+        else:                                  # e.g. stimuli kept at their own size
+            pred_feats = _features(net, recons, layers, device, batch_size)
+            true_feats = _features(net, stimuli, layers, device, batch_size)
         del net
         for spec in specs:
-            pred, true = feats[spec.layer][:n], feats[spec.layer][n:]
+            pred, true = pred_feats[spec.layer], true_feats[spec.layer]
             text = f"{spec.size} px (bilinear, shorter side), {spec.description}"
             if spec.kind == "identification":
                 metrics.append(MetricValues(spec.metric, "identification", two_way_identification(pred, true), True,
