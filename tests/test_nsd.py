@@ -256,3 +256,33 @@ def test_inception_input_transform_and_distance():
     a, b = rng.normal(size=(5, 20)), rng.normal(size=(5, 20))
     from scipy.spatial.distance import correlation
     np.testing.assert_allclose(correlation_distance(a, b), [correlation(u, v) for u, v in zip(a, b)])
+
+
+def test_forward_passes_against_the_published_computation():
+    """AlexNet's features.4 and the CLIP image embedding recomputed from the state dicts with plain tensor ops."""
+    import torch.nn.functional as F
+    x = torch.as_tensor(smooth_images(2, 64, seed=9))
+    alex = build_eval_network("alexnet", seed=1)
+    w = alex.state_dict()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    h = F.relu(F.conv2d((x - mean) / std, w["features.0.weight"], w["features.0.bias"], stride=4, padding=2))
+    h = F.relu(F.conv2d(F.max_pool2d(h, 3, 2), w["features.3.weight"], w["features.3.bias"], padding=2))
+    torch.testing.assert_close(alex.taps(x, ["features.4"])["features.4"], h)
+
+    clip = build_eval_network("clip-vit-l14", seed=1, **SMALL_CLIP)
+    s = clip.state_dict()
+    img = F.interpolate(x, size=224, mode="bilinear", align_corners=False)
+    z = (img - torch.tensor(CLIPVisual.mean).view(1, 3, 1, 1)) / torch.tensor(CLIPVisual.std).view(1, 3, 1, 1)
+    t = F.conv2d(z, s["conv1.weight"], stride=14).flatten(2).transpose(1, 2)            # (n, 256, width)
+    t = torch.cat([s["class_embedding"].expand(len(t), 1, -1), t], 1) + s["positional_embedding"]
+    ln = lambda v, k: F.layer_norm(v, v.shape[-1:], s[f"{k}.weight"], s[f"{k}.bias"])   # noqa: E731
+    t = ln(t, "ln_pre")
+    for b in range(SMALL_CLIP["layers"]):
+        p = f"transformer.resblocks.{b}."
+        q, k, v = (ln(t, p + "ln_1") @ s[p + "attn.in_proj_weight"].T + s[p + "attn.in_proj_bias"]).chunk(3, -1)
+        att = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1) @ v          # one head (width 64)
+        t = t + att @ s[p + "attn.out_proj.weight"].T + s[p + "attn.out_proj.bias"]
+        u = ln(t, p + "ln_2") @ s[p + "mlp.c_fc.weight"].T + s[p + "mlp.c_fc.bias"]
+        t = t + (u * torch.sigmoid(1.702 * u)) @ s[p + "mlp.c_proj.weight"].T + s[p + "mlp.c_proj.bias"]
+    expected = ln(t[:, 0], "ln_post") @ s["proj"]
+    torch.testing.assert_close(clip(img), expected, rtol=1e-4, atol=1e-5)
