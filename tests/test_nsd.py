@@ -172,7 +172,7 @@ def test_two_way_identification_against_brute_force():
 
 def test_identical_images_100_random_pairs_chance():
     """AlexNet(2)/(5) with random weights: own stimuli are identified always, unrelated images at chance."""
-    n = 40
+    n = 30
     both = network_features("alexnet", np.concatenate([smooth_images(n, seed=1), smooth_images(n, seed=2)]), None)
     assert both["features.4"].shape == (2 * n, 192 * 31 * 31) and both["features.11"].shape == (2 * n, 256 * 15 * 15)
     for layer in ("features.4", "features.11"):

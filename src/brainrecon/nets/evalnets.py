@@ -564,9 +564,12 @@ def load_eval_network(name: str, path: str | Path) -> EvalNetwork:
         if any(k not in state for k in needed):
             raise EvalNetError(f"{path} has no CLIP image encoder (no visual.conv1.weight, "
                                f"visual.positional_embedding, visual.proj); {expected_kind}")
-        net = CLIPVisual(**clip_shape(state))
+        settings = clip_shape(state)
     else:
-        net = _BUILDERS[name]()
+        settings = {}
+    with torch.device("meta"):      # no random initialisation: every tensor comes from the file
+        net = _BUILDERS[name](**settings)
+    net = net.to_empty(device="cpu")
     own = net.state_dict()
     missing = [k for k in own if k not in state and not _optional(name, k)]
     extra = [k for k in state if k not in own]
@@ -580,5 +583,9 @@ def load_eval_network(name: str, path: str | Path) -> EvalNetwork:
         if tuple(tensor.shape) != tuple(own[key].shape):
             raise EvalNetError(f"{path}: {key} has shape {tuple(tensor.shape)}, {name} needs "
                                f"{tuple(own[key].shape)}; {expected_kind}")
+    with torch.no_grad():
+        for key, tensor in own.items():
+            if key not in state:         # optional: counters, and SwAV's untrained classifier (never read out)
+                tensor.zero_()
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
     return net.eval().requires_grad_(False)
