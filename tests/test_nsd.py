@@ -171,15 +171,19 @@ def test_two_way_identification_against_brute_force():
 
 
 def test_identical_images_100_random_pairs_chance():
-    """AlexNet(2)/(5) with random weights: own stimuli are identified always, unrelated images at chance."""
+    """AlexNet(2)/(5) with random weights: own stimuli are identified always, noisy copies nearly always,
+    unrelated images at chance."""
     n = 30
-    both = network_features("alexnet", np.concatenate([smooth_images(n, seed=1), smooth_images(n, seed=2)]), None)
-    assert both["features.4"].shape == (2 * n, 192 * 31 * 31) and both["features.11"].shape == (2 * n, 256 * 15 * 15)
+    stimuli = smooth_images(n, seed=1)
+    noisy = np.clip(stimuli + np.random.default_rng(3).normal(scale=0.15, size=stimuli.shape), 0, 1)
+    both = network_features("alexnet", np.concatenate([stimuli, smooth_images(n, seed=2), noisy]), None)
+    assert both["features.4"].shape == (3 * n, 192 * 31 * 31) and both["features.11"].shape == (3 * n, 256 * 15 * 15)
     for layer in ("features.4", "features.11"):
-        feats, others = both[layer][:n], both[layer][n:]
+        feats, others, degraded = both[layer][:n], both[layer][n:2 * n], both[layer][2 * n:]
         assert two_way_identification(feats, feats).min() == 1.0
         chance = two_way_identification(others, feats).mean()
         assert 0.3 < chance < 0.7, (layer, chance)
+        assert two_way_identification(degraded, feats).mean() > 0.9      # resemblance is identified
 
 
 def test_protocol_on_all_networks(weight_files):

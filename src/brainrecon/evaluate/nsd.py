@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from ..nets.evalnets import (WEIGHT_SOURCES, EvalNetError, EvalNetwork, build_eval_network, load_eval_network)
 from .similarity import pixel_correlation, ssim
 
+__all__ = ["NSD_NETWORKS", "PIXEL_SIZE", "MetricValues", "nsd_protocol", "network_features", "two_way_identification",
+           "correlation_distance", "resize"]
+
 NSD_NETWORKS = ("alexnet", "inceptionv3", "clip-vit-l14", "efficientnet-b1", "swav-resnet50")
 PIXEL_SIZE = 425
 

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["EVAL_NETWORKS", "WEIGHT_SOURCES", "EvalNetError", "EvalNetwork", "AlexNet", "InceptionV3", "CLIPVisual",
+           "EfficientNetB1", "ResNet50", "build_eval_network", "load_eval_network", "clip_shape"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
