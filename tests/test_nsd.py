@@ -235,10 +235,19 @@ def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     return w
 
 
-def test_pixcorr_and_ssim_against_numpy_and_skimage():
-    stimuli = smooth_images(3, size=64, seed=7)
-    recons = np.round(np.clip(stimuli + 0.15 * (smooth_images(3, size=64, seed=8) - 0.5), 0, 1) * 255) / 255
-    metrics, _ = nsd_protocol(recons.astype(np.float32), stimuli)
+def test_pixcorr_and_ssim_against_numpy_and_skimage(tmp_path):
+    """The protocol on images read from PNG files, against NumPy and scikit-image on independently upsampled copies."""
+    from PIL import Image
+    originals = {"stimulus": smooth_images(3, size=64, seed=7)}
+    originals["recon"] = np.clip(originals["stimulus"] + 0.15 * (smooth_images(3, size=64, seed=8) - 0.5), 0, 1)
+    loaded = {}
+    for kind, images in originals.items():
+        for i, image in enumerate(images):
+            Image.fromarray(np.round(image.transpose(1, 2, 0) * 255).astype(np.uint8)).save(tmp_path / f"{kind}{i}.png")
+        loaded[kind] = np.stack([np.asarray(Image.open(tmp_path / f"{kind}{i}.png"), dtype=np.float32).transpose(2, 0, 1)
+                                 / 255 for i in range(len(images))])
+    stimuli, recons = loaded["stimulus"], loaded["recon"]
+    metrics, _ = nsd_protocol(recons, stimuli)
     w = _bilinear_matrix(64, 425)
     up = lambda a: w @ a.astype(np.float64) @ w.T     # noqa: E731  (rows, then columns)
     r_up, s_up = up(recons), up(stimuli)
