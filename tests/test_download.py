@@ -144,7 +144,9 @@ def _register(monkeypatch, name="test/blob", file="blob.bin", **kw) -> Artefact:
 # ----------------------------------------------------------------------------------- registry
 
 def test_registry_names_urls_and_groups(monkeypatch):
-    assert len(ARTEFACTS) == 14
+    # 3 subjects x (natural training + test, shapes, letters, imagery; fMRIPrep natural training + test,
+    # shapes, imagery), 4 stimulus lists, 2 stimulus archives, 2 networks
+    assert len(ARTEFACTS) == 3 * 9 + 4 + 2 + 2
     a = ARTEFACTS["fmri/sub-01/perception-natural-training"]
     assert a.url() == "https://ndownloader.figshare.com/files/14830643"
     assert a.file == "sub-01_perceptionNaturalImageTraining_original_VC.h5"
@@ -153,17 +155,50 @@ def test_registry_names_urls_and_groups(monkeypatch):
     assert vgg.url() == "https://figshare.com/ndownloader/files/38225868" and vgg.unpack
     assert ARTEFACTS["generator-relu7"].url().endswith("/38361230")
     assert vgg.url("http://127.0.0.1:9/") == "http://127.0.0.1:9/VGG_ILSVRC_19_layers.zip"
+    # the other experiments: ids looked up in the article's file list, except the one published
+    shapes = ARTEFACTS["fmri/sub-02/perception-shapes"]
+    assert shapes.file == "sub-02_perceptionArtificialImage_original_VC.h5" and shapes.article == 7033577
+    assert shapes.resolved_at_download and shapes.kind == "bdata"
+    assert ARTEFACTS["fmri/sub-03/imagery"].file == "sub-03_imagery_original_VC.h5"
+    assert ARTEFACTS["fmri/sub-01/perception-letters"].file == "sub-01_perceptionLetterImage_original_VC.h5"
+    assert ARTEFACTS["fmri/sub-02/fmriprep-imagery"].file == "sub-02_Imagery_fmriprep_volume_native.h5"
+    known = ARTEFACTS["fmri/sub-01/fmriprep-shapes"]
+    assert known.url().endswith("/37838487") and known.md5 == "2899d192ffd55973d08d420d20a6c401"
+    assert ARTEFACTS["fmri/sub-02/fmriprep-shapes"].resolved_at_download
+    assert not any(k.endswith("fmriprep-letters") for k in ARTEFACTS)   # no such release file
+    with pytest.raises(ValueError, match="file list of figshare article 7033577"):
+        shapes.url()
+    assert shapes.url(file_id=5) == "https://ndownloader.figshare.com/files/5"
+    ids = {n: ARTEFACTS[n].url().rsplit("/", 1)[1] for n in
+           ("stimuli/shapes-images", "stimuli/letters-images", "stimuli/natural-training-list",
+            "stimuli/natural-test-list", "stimuli/letters-list", "stimuli/shapes-list")}
+    assert ids == {"stimuli/shapes-images": "14876801", "stimuli/letters-images": "14876735",
+                   "stimuli/natural-training-list": "14876741", "stimuli/natural-test-list": "14876738",
+                   "stimuli/letters-list": "14876732", "stimuli/shapes-list": "14876798"}
+    assert ARTEFACTS["stimuli/shapes-images"].min_images == 40 and ARTEFACTS["stimuli/letters-list"].kind == "tsv"
     monkeypatch.setenv("BRAINRECON_MIRROR", "http://mirror.example/dir")
-    assert a.url() == "http://mirror.example/dir/" + a.file
+    assert a.url() == "http://mirror.example/dir/" + a.file and shapes.url() == "http://mirror.example/dir/" + shapes.file
     assert [x.name for x in expand(["fmri/sub-02"])] == [
         "fmri/sub-02/perception-natural-training", "fmri/sub-02/perception-natural-test",
-        "fmri/sub-02/fmriprep-training", "fmri/sub-02/fmriprep-test"]
+        "fmri/sub-02/perception-shapes", "fmri/sub-02/perception-letters", "fmri/sub-02/imagery",
+        "fmri/sub-02/fmriprep-training", "fmri/sub-02/fmriprep-test", "fmri/sub-02/fmriprep-shapes",
+        "fmri/sub-02/fmriprep-imagery"]
+    # paper-subject1: the four experiments of subject 1, the stimuli, the networks
     assert [x.name for x in expand(["paper-subject1", "vgg19-caffe"])] == [
-        "fmri/sub-01/perception-natural-training", "fmri/sub-01/perception-natural-test", "vgg19-caffe",
-        "generator-relu7"]
-    assert len(expand(["all"])) == 14 and len(expand(["paper"])) == 8
+        "fmri/sub-01/perception-natural-training", "fmri/sub-01/perception-natural-test",
+        "fmri/sub-01/perception-shapes", "fmri/sub-01/perception-letters", "fmri/sub-01/imagery",
+        "stimuli/natural-training-list", "stimuli/natural-test-list", "stimuli/shapes-list", "stimuli/letters-list",
+        "stimuli/shapes-images", "stimuli/letters-images", "vgg19-caffe", "generator-relu7"]
+    assert len(expand(["all"])) == len(ARTEFACTS) and len(expand(["paper"])) == 3 * 5 + 6 + 2
+    assert len(expand(["fmriprep"])) == 3 * 4 and len(expand(["stimuli"])) == 6
     with pytest.raises(registry.RegistryError, match="did you mean.*fmri/sub-01.*--list"):
         expand(["fmri/sub-1"])
+    listing = runner.invoke(app, ["download", "--list"]).output
+    for name in ARTEFACTS:
+        assert re.search(rf"^  {re.escape(name)} ", listing, re.M), name
+    marked = {line.split()[0] for line in listing.splitlines() if "[id from the file list]" in line and
+              line.startswith("  ")}
+    assert marked == {n for n, x in ARTEFACTS.items() if x.resolved_at_download} and len(marked) == 3 * 3 + 3 + 2
 
 
 # ----------------------------------------------------------------------------------- transfers
