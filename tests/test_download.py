@@ -3,6 +3,7 @@ and every registry entry fetched and loaded the way a user's run loads it."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -12,7 +13,7 @@ import zipfile
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import h5py
 import numpy as np
@@ -43,7 +44,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # ----------------------------------------------------------------------------------- test server
 
 class _Handler(BaseHTTPRequestHandler):
-    """Serves ``server.root`` by file name, with Range support and per-file failure modes."""
+    """Serves ``server.root`` by file name (``/<name>``, as a mirror) and by figshare file id
+    (``/files/<id>``), with Range support and per-file failure modes, and the figshare API's
+    paginated article file lists (``/articles/<id>/files?page=&page_size=``)."""
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *args):
@@ -51,11 +54,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         fx = self.server.fixture
-        name = unquote(self.path.lstrip("/"))
+        url = urlsplit(self.path)
+        listing = re.fullmatch(r"/articles/(\d+)/files", url.path)
+        by_id = re.fullmatch(r"/files/(\d+)", url.path)
+        name = (f"articles/{listing[1]}/files" if listing else fx.ids.get(int(by_id[1]), "?") if by_id
+                else unquote(url.path.lstrip("/")))
         modes = fx.modes.get(name) or []
         mode = modes.pop(0) if modes else "ok"
-        rec = {"path": name, "range": self.headers.get("Range"), "mode": mode, "status": None, "sent": 0}
+        rec = {"path": name, "url": self.path, "range": self.headers.get("Range"), "mode": mode, "status": None,
+               "sent": 0}
         fx.requests.append(rec)
+        if listing:
+            return self._file_list(rec, int(listing[1]), parse_qs(url.query), mode)
         path = fx.root / name
         if mode == "404" or not path.is_file():
             return self._reply(rec, 404, b"not found")
@@ -69,6 +79,8 @@ class _Handler(BaseHTTPRequestHandler):
         with open(path, "rb") as f:
             f.seek(start)
             body = f.read(end - start + 1)
+        if mode == "other":   # another version of the file than the one listed (same size, valid content)
+            body = fx.other[name][start:end + 1]
         if mode == "corrupt":
             body = bytes(b ^ 0xFF for b in body[:64]) + body[64:]
         headers = {"Accept-Ranges": "bytes", "ETag": f'"{size}"'}
@@ -80,6 +92,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         self._reply(rec, status, body, headers)
+
+    def _file_list(self, rec, article, query, mode):
+        items = self.server.fixture.articles.get(article)
+        if mode == "404" or items is None:
+            return self._reply(rec, 404, b'{"message": "Entity not found: article", "code": "EntityNotFound"}')
+        if mode == "html":
+            return self._reply(rec, 200, _HTML, {"Content-Type": "text/html"})
+        page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["10"])[0])
+        rec["page"], rec["page_size"] = page, size
+        body = json.dumps(items[(page - 1) * size:page * size]).encode()
+        self._reply(rec, 200, body, {"Content-Type": "application/json"})
 
     def _reply(self, rec, status, body, headers=None, send=None):
         rec["status"] = status
@@ -99,6 +122,9 @@ class FixtureServer:
         self.root = root
         self.modes: dict[str, list[str]] = {}
         self.requests: list[dict] = []
+        self.articles: dict[int, list[dict]] = {}   # figshare article id -> its public file list
+        self.ids: dict[int, str] = {}               # figshare file id -> file name under root
+        self.other: dict[str, bytes] = {}           # file name -> another version, served in mode "other"
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.fixture = self
         self.httpd.daemon_threads = True
@@ -301,6 +327,139 @@ def test_http_errors_name_the_url_and_the_fix(server, monkeypatch):
         download(["test/gone"], mirror=f"http://127.0.0.1:{port}", progress=False)
 
 
+# ----------------------------------------------------------------------------------- figshare file lists
+
+def _publish(server, article: int, names, filler: int = 0, first_id: int = 90_000_000) -> dict[str, int]:
+    """List files of ``server.root`` (with size and md5) in a figshare-style article file list, with
+    ``filler`` other files before them; returns {name: file id}."""
+    items, ids = [], {}
+    for i in range(filler):
+        items.append({"id": first_id - 1 - i, "name": f"decodedfeatures-other-{i:03d}.zip", "size": 10,
+                      "is_link_only": False, "download_url": f"{server.url}/files/{first_id - 1 - i}",
+                      "supplied_md5": "", "computed_md5": "0" * 32, "mimetype": "application/zip"})
+    for i, name in enumerate(names):
+        data = (server.root / name).read_bytes()
+        fid = first_id + i
+        server.ids[fid], ids[name] = name, fid
+        items.append({"id": fid, "name": name, "size": len(data), "is_link_only": False,
+                      "download_url": f"{server.url}/files/{fid}", "supplied_md5": "",
+                      "computed_md5": hashlib.md5(data).hexdigest(), "mimetype": "application/x-hdf5"})
+    server.articles.setdefault(article, []).extend(items)
+    return ids
+
+
+def _list_pages(server) -> list[tuple[str, int]]:
+    return [(r["path"], r["page"]) for r in server.requests if r["path"].startswith("articles/")]
+
+
+_IMAGERY = "fmri/sub-01/imagery"
+_LETTERS = "fmri/sub-01/perception-letters"
+
+
+def test_ids_are_resolved_from_the_paginated_file_list(server, monkeypatch, tmp_path):
+    """An entry without a known id: its article's file list is read page by page (once per command),
+    the file is fetched from the listed URL, checked against the listed size and md5, and recorded
+    with its id; a complete one is not looked up again."""
+    monkeypatch.setattr(dl, "PAGE_SIZE", 3)
+    imagery, letters = ARTEFACTS[_IMAGERY], ARTEFACTS[_LETTERS]
+    labels = _fmri_fixture(server.root / imagery.file, False, False, 3)
+    _fmri_fixture(server.root / letters.file, False, False, 4)
+    ids = _publish(server, 7033577, [imagery.file, letters.file], filler=5)   # 7 files: pages of 3, 3, 1
+    home = tmp_path / "home"
+    paths = download([_IMAGERY, _LETTERS], api=server.url, progress=False)
+    assert paths == [home / imagery.relpath, home / letters.relpath]
+    assert _list_pages(server) == [("articles/7033577/files", 1), ("articles/7033577/files", 2),
+                                   ("articles/7033577/files", 3)]   # one reading serves both entries
+    assert all(r["page_size"] == 3 for r in server.requests if "page_size" in r)
+    fetched = [r["url"] for r in server.requests if not r["path"].startswith("articles/")]
+    assert fetched == [f"/files/{ids[imagery.file]}", f"/files/{ids[letters.file]}"]
+    assert read_fmri(paths[0], "ROI_VC").labels == labels
+    rec = dl.read_manifest(home)["artefacts"][_IMAGERY]
+    data = paths[0].read_bytes()
+    assert rec["file_id"] == ids[imagery.file] and rec["url"] == f"{server.url}/files/{ids[imagery.file]}"
+    assert rec["listed"] == {"article": 7033577, "file_id": ids[imagery.file], "size": len(data),
+                             "md5": hashlib.md5(data).hexdigest()}
+    assert rec["md5"] == hashlib.md5(data).hexdigest() and rec["size"] == len(data)
+    n = len(server.requests)
+    result = runner.invoke(app, ["download", _IMAGERY], env={"BRAINRECON_FIGSHARE_API": server.url})
+    assert result.exit_code == 0 and "already downloaded" in result.output and len(server.requests) == n
+    listing = runner.invoke(app, ["download", "--list"]).output
+    assert re.search(rf"{_IMAGERY} .*\[id from the file list\] \[downloaded\]", listing), listing
+    # the same through the command line, the API set by the environment
+    result = runner.invoke(app, ["download", _LETTERS, "--dest", str(tmp_path / "cli")],
+                           env={"BRAINRECON_FIGSHARE_API": server.url})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli" / letters.relpath).read_bytes() == (server.root / letters.file).read_bytes()
+    assert _list_pages(server)[-3:] == [("articles/7033577/files", p) for p in (1, 2, 3)]
+
+
+def test_resolved_file_resumes_and_a_wrong_version_is_refused(server, monkeypatch, tmp_path):
+    imagery = ARTEFACTS[_IMAGERY]
+    _fmri_fixture(server.root / imagery.file, False, False, 3)
+    [fid] = _publish(server, 7033577, [imagery.file]).values()
+    # interrupted: resumed with a Range request on the listed URL
+    server.modes[imagery.file] = ["cut"]
+    msgs = []
+    [path] = download([_IMAGERY], api=server.url, progress=False, log=msgs.append)
+    got = [r for r in server.requests if r["url"] == f"/files/{fid}"]
+    size = (server.root / imagery.file).stat().st_size
+    assert [r["range"] for r in got] == [None, f"bytes={size // 2}-"] and got[1]["status"] == 206
+    assert path.read_bytes() == (server.root / imagery.file).read_bytes()
+    assert any("interrupted" in m and "resuming" in m for m in msgs)
+    # another version than the listed one (a valid BData file: only the md5 tells): deleted, fetched again
+    other = tmp_path / "other.h5"
+    _fmri_fixture(other, False, False, 9)
+    server.other[imagery.file] = other.read_bytes()
+    assert len(server.other[imagery.file]) == size   # same layout, other values: only the md5 differs
+    server.requests.clear()
+    server.modes[imagery.file] = ["other"]
+    msgs = []
+    download([_IMAGERY], api=server.url, progress=False, force=True, log=msgs.append)
+    assert [r["mode"] for r in server.requests if r["url"] == f"/files/{fid}"] == ["other", "ok"]
+    assert path.read_bytes() == (server.root / imagery.file).read_bytes()
+    assert any("damaged download (md5 " in m and "downloading again" in m for m in msgs), msgs
+    # wrong twice: one clear error naming the listed md5, nothing kept
+    path.unlink()
+    server.modes[imagery.file] = ["other", "other"]
+    listed = hashlib.md5((server.root / imagery.file).read_bytes()).hexdigest()
+    with pytest.raises(DownloadError, match=rf"{_IMAGERY}: .*/files/{fid}: the download is damaged again "
+                                            rf"\(md5 [0-9a-f]+, expected {listed}\)"):
+        download([_IMAGERY], api=server.url, progress=False)
+    assert not list((tmp_path / "home" / "fmri").glob("sub-01_imagery*"))
+
+
+def test_file_list_without_the_file_or_unreadable(server, monkeypatch, tmp_path):
+    imagery = ARTEFACTS[_IMAGERY]
+    _fmri_fixture(server.root / "sub-01_Imagery_original_VC.h5", False, False, 3)
+    _publish(server, 7033577, ["sub-01_Imagery_original_VC.h5"], filler=4)
+    with pytest.raises(DownloadError) as e:
+        download([_IMAGERY], api=server.url, progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{_IMAGERY}: figshare article 7033577 lists no file named {imagery.file} (5 files "
+                          "listed; names close to it: sub-01_Imagery_original_VC.h5)"), msg
+    assert imagery.page in msg and "BRAINRECON_MIRROR" in msg and "\n" not in msg
+    result = runner.invoke(app, ["download", _IMAGERY], env={"BRAINRECON_FIGSHARE_API": server.url})
+    assert result.exit_code == 2 and result.output.count("error:") == 1, result.output
+    assert "Traceback" not in result.output
+    assert _flat(f"lists no file named {imagery.file}") in _flat(result.output)
+    assert not (tmp_path / "home" / "fmri").exists() or not list((tmp_path / "home" / "fmri").iterdir())
+    # an article the API does not know, and something that is not a file list
+    server.articles[7033577] = None
+    with pytest.raises(DownloadError, match=r"articles/7033577/files\?page=1&page_size=100: HTTP 404 .* file list "
+                                            r"of figshare article 7033577; .*BRAINRECON_FIGSHARE_API"):
+        download([_IMAGERY], api=server.url, progress=False)
+    server.articles[7033577] = []
+    server.modes["articles/7033577/files"] = ["html"]
+    with pytest.raises(DownloadError, match="what arrived is not a figshare file list"):
+        download([_IMAGERY], api=server.url, progress=False)
+    # with a mirror and no API set, the mirror's copy is taken by name (no file list is read)
+    shutil.copy(server.root / "sub-01_Imagery_original_VC.h5", server.root / imagery.file)
+    server.requests.clear()
+    [path] = download([_IMAGERY], mirror=server.url, progress=False)
+    assert path.is_file() and [r["path"] for r in server.requests] == [imagery.file]
+    assert "listed" not in dl.read_manifest(tmp_path / "home")["artefacts"][_IMAGERY]
+
+
 # ----------------------------------------------------------------------------------- content checks
 
 _HTML = (b"<!DOCTYPE html>\n<html><head><title>File not found [figshare]</title></head>"
@@ -348,6 +507,13 @@ def test_check_content_by_kind(tmp_path):
     assert check_content(tmp_path / "ok.mat") is None and check_content(tmp_path / "plain.h5", "mat") is None
     assert check_content(file("junk.mat")) == "what arrived is not a MATLAB file (3.0 kB)"
     assert check_content(file("blob.bin")) is None   # no kind: not checked
+    # stimulus lists: tab-separated text
+    assert check_content(_stimulus_list(tmp_path / "ok.tsv", SHAPE_NAMES)) is None
+    assert check_content(file("spaces.tsv", b"colorExpStim01_red_square 1\n")) == (
+        "what arrived is not a tab-separated list (28 bytes; line 1 has no tab)")
+    assert check_content(file("bin.tsv")) == "what arrived is not a text file (3.0 kB)"
+    assert check_content(file("page.tsv", _HTML)).startswith("the server sent a web page, not the file: an HTML")
+    assert check_content(file("blank.tsv", b"\n\n")) == "what arrived is an empty list"
 
 
 def _serve_wrong(server, monkeypatch, case: str) -> tuple[str, Path]:
@@ -451,6 +617,14 @@ def test_unpack_zip_layouts_and_safety(tmp_path):
     assert "act_range/3x/fc7.txt" in unpack_zip(older, tmp_path / "older", gen_expect)
     with pytest.raises(DownloadError, match=r"lacks act_range/3x/relu7.txt or act_range/3x/fc7.txt"):
         unpack_zip(_zip(tmp_path / "short.zip", {"g/generator_relu7.pt": b"G"}), tmp_path / "short", gen_expect)
+    # an archive of stimulus images must hold as many as were shown
+    letters = _image_zip(tmp_path / "letters.zip", "LetterImage", LETTER_NAMES, ".tif")
+    assert len(unpack_zip(letters, tmp_path / "letters", min_images=10)) == 10
+    few = _image_zip(tmp_path / "few.zip", "LetterImage", LETTER_NAMES[:7], ".tif")
+    with pytest.raises(DownloadError, match=r"few.zip: the archive holds 7 image files, expected at least 10 "
+                                            r"\(it holds letter_black_img011_A.tif, .*please report it"):
+        unpack_zip(few, tmp_path / "few", min_images=10)
+    assert not (tmp_path / "few").exists()
     for evil in ("../evil.txt", "/abs/evil.txt", "pack/../../evil.txt"):
         with pytest.raises(DownloadError, match="refusing to unpack"):
             unpack_zip(_zip(tmp_path / "evil.zip", {"pack/a.pt": b"A", evil: b"x"}), tmp_path / "evil" / "out")
@@ -640,6 +814,40 @@ def _generator_zip(path: Path) -> np.ndarray:
     return bounds
 
 
+_COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "black")
+_FORMS = ("square", "smallring", "largering", "plus", "cross")
+SHAPE_NAMES = [f"colorExpStim{i + 1:02d}_{c}_{f}" for i, (c, f) in enumerate((c, f) for c in _COLOURS for f in _FORMS)]
+LETTER_NAMES = [f"letter_black_img{11 + i:03d}_{x}" for i, x in enumerate("ACEINORSTU")]
+
+
+def _stimulus_list(path: Path, names, ids=None) -> Path:
+    """A stimulus list as published: no header, stimulus name <TAB> stimulus_id."""
+    ids = ids if ids is not None else range(1, len(names) + 1)
+    path.write_text("".join(f"{n}\t{i}\n" for n, i in zip(names, ids)))
+    return path
+
+
+def _image_zip(path: Path, top: str, names, ext: str) -> Path:
+    """An archive of small stimulus images under a top folder, as the published ones."""
+    from PIL import Image
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, n in enumerate(names):
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8), (i * 6 % 256, 255 - i * 6 % 256, 0)).save(buf, format="TIFF")
+            zf.writestr(f"{top}/{n}{ext}", buf.getvalue())
+    return path
+
+
+def _stimulus_fixtures(root: Path) -> None:
+    natural = [f"n0{1440764 + i}_{100 + i}" for i in range(6)]
+    _stimulus_list(root / "stimulus_NaturalImageTraining.tsv", natural, [name_to_stimulus_id(n) for n in natural])
+    _stimulus_list(root / "stimulus_NaturalImageTest.tsv", natural[:2], [name_to_stimulus_id(n) for n in natural[:2]])
+    _stimulus_list(root / "stimulus_ArtificialImage.tsv", SHAPE_NAMES)
+    _stimulus_list(root / "stimulus_LetterImage.tsv", LETTER_NAMES)
+    _image_zip(root / "ArtificialImage.zip", "ArtificialImage", SHAPE_NAMES, ".tiff")
+    _image_zip(root / "LetterImage.zip", "LetterImage", LETTER_NAMES, ".tif")
+
+
 def test_every_registry_entry_downloads_and_loads(server, vgg19_zip, tmp_path):
     labels = {}
     for i, a in enumerate(ARTEFACTS.values()):
@@ -647,23 +855,45 @@ def test_every_registry_entry_downloads_and_loads(server, vgg19_zip, tmp_path):
             labels[a.name] = _fmri_fixture(server.root / a.file, "fmriprep" in a.name, a.name.endswith("training"), i)
     shutil.copy(vgg19_zip, server.root / ARTEFACTS["vgg19-caffe"].file)
     bounds = _generator_zip(server.root / ARTEFACTS["generator-relu7"].file)
+    _stimulus_fixtures(server.root)
     assert {p.name for p in server.root.iterdir()} == {a.file for a in ARTEFACTS.values()}
+    # the ids not known in advance come from the two articles' file lists (served here)
+    ids = {}
+    for article in (7033577, 21564384):
+        ids.update(_publish(server, article, [a.file for a in ARTEFACTS.values()
+                                              if a.resolved_at_download and a.article == article],
+                            filler=3, first_id=article * 10))
 
     dest = tmp_path / "data"
     # the published md5 sums cannot match the fixtures: check them in a separate, explicit step
     with pytest.MonkeyPatch.context() as mp:
         for a in ARTEFACTS.values():
             mp.setitem(ARTEFACTS, a.name, replace(a, md5=None))
-        result = runner.invoke(app, ["download", "all", "--dest", str(dest)], env={"BRAINRECON_MIRROR": server.url})
+        result = runner.invoke(app, ["download", "all", "--dest", str(dest)],
+                               env={"BRAINRECON_MIRROR": server.url, "BRAINRECON_FIGSHARE_API": server.url})
     assert result.exit_code == 0, result.output
     printed = [Path(line) for line in result.stdout.splitlines()]
-    assert printed == [p for a in ARTEFACTS.values() for p in a.paths(dest)] and all(p.is_file() for p in printed)
+    assert printed == [p for a in ARTEFACTS.values() for p in a.paths(dest)] and all(p.exists() for p in printed)
     manifest = json.loads((dest / "manifest.json").read_text())["artefacts"]
     assert set(manifest) == set(ARTEFACTS)
+    assert len(_list_pages(server)) == 2   # each article's list read once, one page each
+    for a in ARTEFACTS.values():   # looked-up ids recorded, files checked against the listed md5
+        rec = manifest[a.name]
+        if a.resolved_at_download:
+            assert rec["file_id"] == ids[a.file] and rec["listed"]["md5"] == rec["md5"], a.name
+        else:
+            assert rec["file_id"] == a.file_id and "listed" not in rec, a.name
 
     for name, labs in labels.items():
         fmri = read_fmri(dest / ARTEFACTS[name].relpath, "ROI_VC")
         assert fmri.labels == labs and fmri.X.shape == (len(labs), 30)
+    # the stimulus lists and images: every shape and letter listed has its image under images/
+    from brainrecon.data.stimuli import find_images
+    for key, names in (("shapes", SHAPE_NAMES), ("letters", LETTER_NAMES)):
+        rows = [line.split("\t") for line in (dest / ARTEFACTS[f"stimuli/{key}-list"].relpath).read_text().splitlines()]
+        assert [r[0] for r in rows] == names and [int(r[1]) for r in rows] == list(range(1, len(names) + 1))
+        found = find_images(dest / "images", names)
+        assert sorted(found) == sorted(names) and all(p.parent.parent == dest / "images" for p in found.values())
     models = dest / "models"
     net = load_network(f"vgg19-caffe:{models / 'VGG_ILSVRC_19_layers/VGG_ILSVRC_19_layers.pt'}")
     assert len(net.layer_names) == 19 and torch.equal(net.convs[15].bias, torch.arange(512.) + 34)
