@@ -701,6 +701,128 @@ def test_run_generator_example_without_the_data(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "generator-relu7" in text and "vgg19-caffe" in text, result.output
 
 
+FOUR = EXAMPLES / "dir-subject1-vgg19-four-experiments.yaml"
+_NEW_FIELDS = ("labels", "exclude_labels")   # PipelineConfig fields the four-experiment example needs
+
+
+def _numbered(src: Path, dst: Path) -> dict[str, int]:
+    """A copy of a simulated BData file labelled by number, as the lab's shape and letter files:
+    ``stimulus_name`` with a vmap becomes ``stimulus_id`` without one; returns {name: number}."""
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        names = {f"vmap/stimulus_name/{k}": float(k) for k in f["vmap/stimulus_name"]}
+        ids = {f[k][()].decode(): int(v) for k, v in names.items()}
+        keys = [k.decode() for k in f["metadata/key"][()]]
+        keys[keys.index("stimulus_name")] = "stimulus_id"
+        f["metadata/key"][...] = np.array([k.encode() for k in keys], dtype=object)
+        del f["vmap/stimulus_name"]
+    return ids
+
+
+def _shipped_imagery_map() -> dict[int, str]:
+    """The imagery label map shipped with the package (number -> image stem)."""
+    import brainrecon
+    found = sorted(Path(brainrecon.__file__).parent.rglob("*imagery*.tsv"))
+    assert found, "no imagery label map (*imagery*.tsv) ships with the package"
+    rows = [line.split("\t") for line in found[0].read_text().splitlines() if line.strip() and not line.startswith("#")]
+    num = 0 if rows[0][0].strip().isdigit() else 1
+    return {int(r[num]): r[1 - num].strip() for r in rows}
+
+
+def _vgg19_state() -> dict:
+    """A random VGG19 in torchvision's key layout (what the lab's converted Caffe weights use)."""
+    from brainrecon.nets.vgg import VGGEncoder
+    torch.manual_seed(0)
+    net = VGGEncoder("vgg19", classifier=True, ceil_mode=False)
+    state = {f"features.{i}.{p}": getattr(conv, p) * (0.5 if p == "weight" else 1)
+             for i, conv in zip(_VGG_FEATURES, net.convs) for p in ("weight", "bias")}
+    state.update({f"classifier.{j}.{p}": getattr(fc, p) for j, fc in zip((0, 3, 6), net.fcs) for p in ("weight", "bias")})
+    return state
+
+
+def test_four_experiment_example_config(request, monkeypatch, tmp_path):
+    """The example of subject 1's four experiments names only files of `brainrecon download paper-subject1`
+    in the download layout, maps the numbered files with the downloaded stimulus lists and the shipped
+    imagery map; once `run` takes label maps, it runs to the end on fixture files in that layout."""
+    import yaml
+
+    from brainrecon import cli
+    raw = yaml.safe_load(FOUR.read_text())
+    assert set(raw["test"]) == {"natural", "shapes", "letters", "imagery"}
+    assert set(raw) - set(_NEW_FIELDS) <= set(cli._run_keys())
+    home = "~/.cache/brainrecon/"
+    provided = {rel: a.name for a in expand(["paper-subject1"]) for rel in a.provides() + [a.relpath]}
+    spec = raw["network"].partition(":")[2]
+    files = [raw["train"], *raw["test"].values(), spec, *(v for v in raw["labels"].values() if "/" in v)]
+    assert all(f.startswith(home) for f in files), files
+    named = {provided.get(f[len(home):]) for f in files}
+    assert None not in named, [f for f in files if f[len(home):] not in provided]
+    assert {"fmri/sub-01/perception-shapes", "fmri/sub-01/perception-letters", "fmri/sub-01/imagery",
+            "stimuli/shapes-list", "stimuli/letters-list", "vgg19-caffe"} <= named
+    assert raw["labels"] == {"shapes": home + ARTEFACTS["stimuli/shapes-list"].relpath,
+                             "letters": home + ARTEFACTS["stimuli/letters-list"].relpath, "imagery": "dir-imagery"}
+    assert raw["images"] == home + "images"   # the shape and letter archives unpack below it
+    for key in ("shapes", "letters"):
+        assert ARTEFACTS[f"stimuli/{key}-images"].unpack_dir.startswith("images/")
+    assert isinstance(raw["exclude_labels"], list) and raw["exclude_labels"] and \
+        all(isinstance(x, str) for x in raw["exclude_labels"])
+    # everything else is a valid config today
+    today = tmp_path / "today.yaml"
+    today.write_text(yaml.safe_dump({k: v for k, v in raw.items() if k not in _NEW_FIELDS}))
+    assert cli._read_config(today)["test"].keys() == raw["test"].keys()
+
+    from brainrecon.pipeline import PipelineConfig
+    if not set(_NEW_FIELDS) <= set(PipelineConfig.model_fields):
+        pytest.skip("brainrecon run does not take labels / exclude_labels yet")
+    imagery_map = _shipped_imagery_map()
+    assert sorted(imagery_map) == list(range(1, 27))
+    assert set(raw["exclude_labels"]) == {imagery_map[16]}   # the fixation label of the shipped map
+    # without the data: the download command that provides it
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.delenv("BRAINRECON_HOME")
+    result = runner.invoke(app, ["run", str(FOUR)])
+    assert result.exit_code == 2 and "fmri/sub-01/imagery" in _flat(result.output), result.output
+
+    # fixture files where the downloads would be: the simulated subject, the numbered files as the lab's
+    subject, _ = request.getfixturevalue("small_subject")
+    data = tmp_path / "user" / ".cache" / "brainrecon"
+    (data / "fmri").mkdir(parents=True)
+    (data / "stimuli").mkdir()
+    shutil.copytree(subject / "images", data / "images")
+    shutil.copy(subject / "train.h5", data / "fmri" / "sub-01_perceptionNaturalImageTraining_original_VC.h5")
+    shutil.copy(subject / "test_natural.h5", data / "fmri" / "sub-01_perceptionNaturalImageTest_original_VC.h5")
+    for key, stem, part in (("shapes", "ArtificialImage", "perceptionArtificialImage"),
+                            ("letters", "LetterImage", "perceptionLetterImage")):
+        ids = _numbered(subject / f"test_{key}.h5", data / "fmri" / f"sub-01_{part}_original_VC.h5")
+        _stimulus_list(data / "stimuli" / f"stimulus_{stem}.tsv", list(ids), list(ids.values()))
+    # imagery: 26 numbered conditions, two trials each (shape responses stand in), fixation included
+    img = data / "fmri" / "sub-01_imagery_original_VC.h5"
+    _numbered(subject / "test_shapes.h5", img)
+    with h5py.File(img, "r+") as f:
+        keys = [k.decode() for k in f["metadata/key"][()]]
+        col = int(np.flatnonzero(f["metadata/value"][keys.index("stimulus_id")] == 1)[0])
+        rows = f["dataset"][:52]
+        rows[:, col] = np.tile(np.arange(1, 27), 2)
+        del f["dataset"]
+        f["dataset"] = rows
+    from PIL import Image
+    some = sorted((subject / "images").glob("*.png"))
+    for i, stem in imagery_map.items():
+        if i != 16 and not list((data / "images").rglob(f"{stem}.*")):
+            (data / "images" / "imagery").mkdir(exist_ok=True)
+            Image.open(some[i % len(some)]).save(data / "images" / "imagery" / f"{stem}.png")
+    models = data / "models" / "VGG_ILSVRC_19_layers"
+    models.mkdir(parents=True)
+    torch.save(_vgg19_state(), models / "VGG_ILSVRC_19_layers.pt")
+    out = tmp_path / "four"
+    result = runner.invoke(app, ["run", str(FOUR), "--out", str(out), "--image-size", "32", "--iterations", "2",
+                                 "--no-true-features"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {k: metrics[k]["n_images"] for k in ("natural", "shapes", "letters", "imagery")} == {
+        "natural": 6, "shapes": 40, "letters": 10, "imagery": 25}
+
+
 # ----------------------------------------------------------------------------------- feature SD
 
 def test_feature_sd_loader(tmp_path):
