@@ -99,6 +99,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(rec, 404, b'{"message": "Entity not found: article", "code": "EntityNotFound"}')
         if mode == "html":
             return self._reply(rec, 200, _HTML, {"Content-Type": "text/html"})
+        if mode == "busy":
+            return self._reply(rec, 503, b"Service Unavailable")
         page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["10"])[0])
         rec["page"], rec["page_size"] = page, size
         body = json.dumps(items[(page - 1) * size:page * size]).encode()
@@ -385,6 +387,16 @@ def test_ids_are_resolved_from_the_paginated_file_list(server, monkeypatch, tmp_
     assert result.exit_code == 0 and "already downloaded" in result.output and len(server.requests) == n
     listing = runner.invoke(app, ["download", "--list"]).output
     assert re.search(rf"{_IMAGERY} .*\[id from the file list\] \[downloaded\]", listing), listing
+    # a file already in place with the listed md5 is recorded without downloading it
+    other_home = tmp_path / "placed"
+    (other_home / "fmri").mkdir(parents=True)
+    shutil.copy(server.root / imagery.file, other_home / imagery.relpath)
+    server.requests.clear()
+    msgs = []
+    download([_IMAGERY], other_home, api=server.url, progress=False, log=msgs.append)
+    assert [r["path"] for r in server.requests] == ["articles/7033577/files"] * 3
+    assert any("found" in m and "recorded it" in m for m in msgs)
+    assert dl.read_manifest(other_home)["artefacts"][_IMAGERY]["file_id"] == ids[imagery.file]
     # the same through the command line, the API set by the environment
     result = runner.invoke(app, ["download", _LETTERS, "--dest", str(tmp_path / "cli")],
                            env={"BRAINRECON_FIGSHARE_API": server.url})
@@ -452,6 +464,16 @@ def test_file_list_without_the_file_or_unreadable(server, monkeypatch, tmp_path)
     server.modes["articles/7033577/files"] = ["html"]
     with pytest.raises(DownloadError, match="what arrived is not a figshare file list"):
         download([_IMAGERY], api=server.url, progress=False)
+    # a busy API is asked again; one that cannot be reached ends with one message
+    server.modes["articles/7033577/files"] = ["busy"]
+    monkeypatch.setattr(dl, "RETRY_WAIT", 0.0)
+    with pytest.raises(DownloadError, match="lists no file named"):
+        download([_IMAGERY], api=server.url, progress=False)
+    assert [r["status"] for r in server.requests[-2:]] == [503, 200]
+    monkeypatch.setattr(dl, "RETRIES", 0)
+    with pytest.raises(DownloadError, match=r"127.0.0.1:9/articles/7033577/files\?page=1&page_size=100: cannot "
+                                            r"connect .* file list of figshare article 7033577; .*BRAINRECON_MIRROR"):
+        download([_IMAGERY], api="http://127.0.0.1:9", progress=False)
     # with a mirror and no API set, the mirror's copy is taken by name (no file list is read)
     shutil.copy(server.root / "sub-01_Imagery_original_VC.h5", server.root / imagery.file)
     server.requests.clear()

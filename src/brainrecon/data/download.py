@@ -405,6 +405,29 @@ def _listed(item: dict) -> ListedFile | None:
                       url if isinstance(url, str) and url.startswith(("http://", "https://")) else None)
 
 
+def _read_api(url: str, article: int, timeout: float) -> bytes:
+    """The body of an API response; a busy server or a broken connection is tried again (``RETRIES``)."""
+    request = Request(url, headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
+    for attempt in range(RETRIES + 1):
+        if attempt:
+            time.sleep(RETRY_WAIT * attempt)
+        try:
+            with urlopen(request, timeout=timeout) as resp:
+                return resp.read()
+        except HTTPError as e:
+            if (e.code == 429 or e.code >= 500) and attempt < RETRIES:
+                continue
+            raise DownloadError(f"{url}: HTTP {e.code} {e.reason} for the file list of figshare article {article}; "
+                                f"{_http_advice(e.code, f'check {API_ENV} (unset: {FIGSHARE_API})')}") from None
+        except (URLError, OSError, http.client.HTTPException) as e:
+            if attempt < RETRIES:
+                continue
+            raise DownloadError(f"{url}: cannot connect ({getattr(e, 'reason', None) or e}) to read the file list "
+                                f"of figshare article {article}; check the network connection, or set {MIRROR_ENV} "
+                                "to a server holding copies of the files") from None
+    raise AssertionError("unreachable")
+
+
 def list_article_files(article: int, api: str | None = None, timeout: float | None = None) -> list[ListedFile]:
     """Every file of a figshare article's public file list (all pages of ``<api>/articles/<article>/files``).
 
@@ -424,17 +447,7 @@ def list_article_files(article: int, api: str | None = None, timeout: float | No
     out: list[ListedFile] = []
     for page in range(1, MAX_PAGES + 1):
         url = f"{base}/articles/{article}/files?{urlencode({'page': page, 'page_size': PAGE_SIZE})}"
-        request = Request(url, headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
-        try:
-            with urlopen(request, timeout=TIMEOUT if timeout is None else timeout) as resp:
-                body = resp.read()
-        except HTTPError as e:
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason} for the file list of figshare article {article}; "
-                                f"{_http_advice(e.code, f'check {API_ENV} (unset: {FIGSHARE_API})')}") from None
-        except (URLError, OSError, http.client.HTTPException) as e:
-            raise DownloadError(f"{url}: cannot connect ({getattr(e, 'reason', None) or e}) to read the file list "
-                                f"of figshare article {article}; check the network connection, or set {MIRROR_ENV} "
-                                "to a server holding copies of the files") from None
+        body = _read_api(url, article, TIMEOUT if timeout is None else timeout)
         try:
             items = json.loads(body)
         except ValueError:
@@ -643,18 +656,26 @@ def _get(a: Artefact, home: Path, src: _Source, mirror: str | None, progress, ke
     return rec
 
 
-def _adopt(a: Artefact, home: Path, log: Log) -> dict | None:
-    """A plain file already in place (no manifest record) whose published checksum matches and whose
-    content passes ``check_content``."""
+def _adopt(a: Artefact, home: Path, log: Log, src: _Source | None = None) -> dict | None:
+    """A plain file already in place (no manifest record) whose published checksum (or, for an id
+    looked up in the file list, the listed md5 and size: ``src``) matches and whose content passes
+    ``check_content``."""
     path = home / a.relpath
-    if a.unpack or not (a.sha256 or a.md5) or not path.is_file() or check_content(path, a.kind):
+    size, md5 = (src.size, src.md5) if src is not None else (a.size, a.md5)
+    if a.unpack or not (a.sha256 or md5) or not path.is_file() or check_content(path, a.kind):
         return None
     got = file_digests(path)
-    if _mismatch(got, a.size, a.sha256, a.md5):
+    if _mismatch(got, size, a.sha256, md5):
         return None
     log(f"{a.name}: found {path} with the published checksum; recorded it")
-    return {"name": a.name, "url": a.url(), "file": a.relpath, "size": got[0], "sha256": got[1], "md5": got[2],
-            "time": datetime.now(UTC).isoformat(timespec="seconds"), "files": {a.relpath: got[0]}}
+    rec = {"name": a.name, "url": src.url if src is not None else a.url(), "file": a.relpath, "size": got[0],
+           "sha256": got[1], "md5": got[2], "time": datetime.now(UTC).isoformat(timespec="seconds"),
+           "files": {a.relpath: got[0]}}
+    if src is not None and src.listed is not None:
+        rec["file_id"] = src.listed.file_id
+        rec["listed"] = {"article": a.article, "file_id": src.listed.file_id, "size": src.listed.size,
+                         "md5": src.listed.md5}
+    return rec
 
 
 def _progress_bar():
@@ -692,12 +713,15 @@ def download(names, dest=None, *, mirror: str | None = None, api: str | None = N
             if not force and is_complete(a, home, manifest):
                 log(f"{a.name}: already downloaded")
                 continue
-            rec = None if force else _adopt(a, home, log)
-            if rec is None:
-                try:
-                    rec = _get(a, home, _source(a, mirror, api, lists), mirror, bar, keep_archives, log)
-                except DownloadError as e:
-                    raise DownloadError(f"{a.name}: {e}") from None
+            try:
+                src = _source(a, mirror, api, lists)
+                rec = None if force else _adopt(a, home, log, src)
+                fetched = rec is None
+                if fetched:
+                    rec = _get(a, home, src, mirror, bar, keep_archives, log)
+            except DownloadError as e:
+                raise DownloadError(f"{a.name}: {e}") from None
+            if fetched:
                 log(f"{a.name}: done ({_mb(rec['size'])})")
             _record(home, rec)
     return [p for a in items for p in a.paths(home)]
