@@ -838,7 +838,7 @@ def test_four_experiment_example_config(request, monkeypatch, tmp_path):
     torch.save(_vgg19_state(), models / "VGG_ILSVRC_19_layers.pt")
     out = tmp_path / "four"
     result = runner.invoke(app, ["run", str(FOUR), "--out", str(out), "--image-size", "32", "--iterations", "2",
-                                 "--no-true-features"])
+                                 "--no-true-features", "--layers", "conv1_1,conv3_1,fc7", "--alpha-cv", "single"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert {k: metrics[k]["n_images"] for k in ("natural", "shapes", "letters", "imagery")} == {
