@@ -410,7 +410,9 @@ def download(names: Optional[list[str]] = typer.Argument(None, help="artefacts, 
                                                             "else ~/.cache/brainrecon)"),
              list_: bool = typer.Option(False, "--list", help="list the artefacts and groups, and what is downloaded"),
              force: bool = typer.Option(False, "--force", help="download again even if already complete")):
-    """Download the real fMRI data and the lab's networks from figshare (resumable, verified)."""
+    """Download the real fMRI data (four experiments, two releases), the published stimuli and the lab's
+    networks from figshare (resumable, verified). $BRAINRECON_MIRROR: another server with the files by
+    name; $BRAINRECON_FIGSHARE_API: another figshare API for the file lists that give unpublished ids."""
     from .data.download import DownloadError, describe, download as fetch_artefacts
     from .data.registry import RegistryError
 

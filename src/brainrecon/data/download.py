@@ -5,12 +5,15 @@ fetched from the start when the server ignores Range), checked against the known
 checksums and for what it must hold (``check_content``: an ``.h5`` file must be HDF5, not an HTML
 error page), then renamed into place; a file that fails the checks is deleted and fetched once more.
 Zip archives are unpacked into a folder next to them (members that would land outside it are
-refused) and their expected files checked. ``manifest.json`` in the download folder records each
+refused) and their expected files checked. Entries without a known figshare file id are looked up
+by name in their article's public file list (``<api>/articles/<id>/files``, paginated), which gives
+the id, size and md5 the download is checked against. ``manifest.json`` in the download folder records each
 artefact (name, url, size, sha256, md5, time, files); a recorded artefact whose files are present
 is not fetched again.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import http.client
 import json
@@ -25,17 +28,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
+from urllib.parse import urlencode
 from urllib.request import Request, urlopen
 
 import h5py
 
 from .. import __version__
+from .stimuli import IMAGE_EXTENSIONS
 from .registry import (
+    API_ENV,
     ARTEFACTS,
+    FIGSHARE_API,
     GROUP_HELP,
     GROUPS,
     MIRROR_ENV,
     Artefact,
+    api_url,
     default_home,
     expand,
     find_by_filename,
@@ -47,6 +55,8 @@ TIMEOUT = 60          # seconds without data before a connection counts as broke
 RETRIES = 3           # automatic resumes after a broken connection
 RETRY_WAIT = 2.0      # seconds before the 2nd, 3rd... resume (the first is immediate)
 MANIFEST = "manifest.json"
+PAGE_SIZE = 100       # entries per page of a figshare file list
+MAX_PAGES = 100
 USER_AGENT = f"brainrecon/{__version__} (python urllib)"
 
 Log = Callable[[str], None]
@@ -214,8 +224,10 @@ def _mismatch(got: tuple[int, str, str], size, sha256, md5) -> str | None:
     return None
 
 
-_KINDS = ("bdata", "hdf5", "zip", "torch", "mat")
-_KIND_BY_SUFFIX = {".h5": "hdf5", ".hdf5": "hdf5", ".zip": "zip", ".pt": "torch", ".pth": "torch", ".mat": "mat"}
+_KINDS = ("bdata", "hdf5", "zip", "torch", "mat", "tsv")
+_KIND_BY_SUFFIX = {".h5": "hdf5", ".hdf5": "hdf5", ".zip": "zip", ".pt": "torch", ".pth": "torch", ".mat": "mat",
+                   ".tsv": "tsv"}
+_MAX_TSV = 50_000_000   # bytes: a stimulus list is far smaller
 _WEB_STARTS = ((b"<!doctype", "an HTML page"), (b"<html", "an HTML page"), (b"<?xml", "an XML document"),
                (b"{", "a JSON document"))
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled 0x1950a86a20f9469cfc6c
@@ -239,6 +251,21 @@ def _zip_names(path: Path) -> list[str] | None:
         return None
 
 
+def _tsv_problem(path: Path, n: int) -> str | None:
+    if n > _MAX_TSV:
+        return f"what arrived is too large for a stimulus list ({_amount(n)})"
+    try:
+        rows = [line for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        return f"what arrived is not a text file ({_amount(n)})"
+    if not rows:
+        return "what arrived is an empty list"
+    bad = next((i for i, line in enumerate(rows, 1) if len(line.split("\t")) < 2), None)
+    if bad is not None:
+        return f"what arrived is not a tab-separated list ({_amount(n)}; line {bad} has no tab)"
+    return None
+
+
 def check_content(path, kind: str | None = None) -> str | None:
     """What is wrong with a downloaded file, given what it must hold; None if it looks right.
 
@@ -248,13 +275,15 @@ def check_content(path, kind: str | None = None) -> str | None:
     ----------
     path : path-like
         The file.
-    kind : {"bdata", "hdf5", "zip", "torch", "mat"} or None
+    kind : {"bdata", "hdf5", "zip", "torch", "mat", "tsv"} or None
         ``bdata``: an HDF5 file with the groups the BData reader needs (``dataset`` or ``dataSet``,
         ``metadata`` or ``metaData`` holding ``key`` and ``value``); ``hdf5``: an HDF5 file h5py
         opens; ``zip``: a zip archive whose central directory lists members (the members are checked
         when unpacked); ``torch``: a ``torch.save`` file (zip archive with ``data.pkl``, or the legacy
-        pickle format); ``mat``: a MATLAB file (v5 header, or HDF5 for v7.3). None: by the suffix of
-        ``path`` (``.h5``, ``.zip``, ``.pt``, ``.mat`` ...); other files are not checked.
+        pickle format); ``mat``: a MATLAB file (v5 header, or HDF5 for v7.3); ``tsv``: a UTF-8 text
+        list whose every non-empty line has at least two tab-separated fields (a stimulus list).
+        None: by the suffix of ``path`` (``.h5``, ``.zip``, ``.pt``, ``.mat``, ``.tsv`` ...); other
+        files are not checked.
 
     Returns
     -------
@@ -282,6 +311,8 @@ def check_content(path, kind: str | None = None) -> str | None:
             title = re.sub(r"[\s\[\]]+", " ", title[1].decode("utf-8", "replace")).strip() if title else ""
             return (f"the server sent a web page, not the file: {what} of {_amount(n)}"
                     + (f" titled {title!r}" if title else ""))
+    if kind == "tsv":
+        return _tsv_problem(path, n)
     if kind == "zip":
         names = _zip_names(path)
         if names is None:
@@ -350,7 +381,135 @@ def fetch(url: str, path, *, size: int | None = None, sha256: str | None = None,
                         "dataset page")
 
 
+# ------------------------------------------------------------------------------------ file lists
+
+@dataclass(frozen=True)
+class ListedFile:
+    """One file of a figshare article's public file list."""
+    name: str
+    file_id: int
+    size: int | None
+    md5: str | None
+    download_url: str | None
+
+
+def _listed(item: dict) -> ListedFile | None:
+    name, fid = item.get("name"), item.get("id")
+    if not isinstance(name, str) or not isinstance(fid, int) or isinstance(fid, bool):
+        return None
+    size = item.get("size")
+    md5 = item.get("computed_md5") or item.get("supplied_md5")
+    url = item.get("download_url")
+    return ListedFile(name, fid, size if isinstance(size, int) and size >= 0 else None,
+                      md5.lower() if isinstance(md5, str) and re.fullmatch(r"[0-9a-fA-F]{32}", md5) else None,
+                      url if isinstance(url, str) and url.startswith(("http://", "https://")) else None)
+
+
+def _read_api(url: str, article: int, timeout: float) -> bytes:
+    """The body of an API response; a busy server or a broken connection is tried again (``RETRIES``)."""
+    request = Request(url, headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
+    for attempt in range(RETRIES + 1):
+        if attempt:
+            time.sleep(RETRY_WAIT * attempt)
+        try:
+            with urlopen(request, timeout=timeout) as resp:
+                return resp.read()
+        except HTTPError as e:
+            if (e.code == 429 or e.code >= 500) and attempt < RETRIES:
+                continue
+            raise DownloadError(f"{url}: HTTP {e.code} {e.reason} for the file list of figshare article {article}; "
+                                f"{_http_advice(e.code, f'check {API_ENV} (unset: {FIGSHARE_API})')}") from None
+        except (URLError, OSError, http.client.HTTPException) as e:
+            if attempt < RETRIES:
+                continue
+            raise DownloadError(f"{url}: cannot connect ({getattr(e, 'reason', None) or e}) to read the file list "
+                                f"of figshare article {article}; check the network connection, or set {MIRROR_ENV} "
+                                "to a server holding copies of the files") from None
+    raise AssertionError("unreachable")
+
+
+def list_article_files(article: int, api: str | None = None, timeout: float | None = None) -> list[ListedFile]:
+    """Every file of a figshare article's public file list (all pages of ``<api>/articles/<article>/files``).
+
+    Parameters
+    ----------
+    article : int
+        The figshare article id (7033577, 21564384).
+    api : str, optional
+        Base URL of the API; default ``$BRAINRECON_FIGSHARE_API``, else ``https://api.figshare.com/v2``.
+
+    Returns
+    -------
+    list of ListedFile
+        Name, file id, size in bytes, md5 and download URL of each file, in the list's order.
+    """
+    base = api_url(api) or FIGSHARE_API
+    out: list[ListedFile] = []
+    for page in range(1, MAX_PAGES + 1):
+        url = f"{base}/articles/{article}/files?{urlencode({'page': page, 'page_size': PAGE_SIZE})}"
+        body = _read_api(url, article, TIMEOUT if timeout is None else timeout)
+        try:
+            items = json.loads(body)
+        except ValueError:
+            items = None
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise DownloadError(f"{url}: what arrived is not a figshare file list (a JSON list of files); check "
+                                f"{API_ENV} (unset: {FIGSHARE_API})")
+        out += [f for f in map(_listed, items) if f is not None]
+        if len(items) < PAGE_SIZE:
+            return out
+    raise DownloadError(f"{base}: the file list of figshare article {article} goes on past {MAX_PAGES} pages "
+                        f"of {PAGE_SIZE}; check {API_ENV} (unset: {FIGSHARE_API})")
+
+
+def resolve(artefact: Artefact, api: str | None = None, lists: dict | None = None) -> ListedFile:
+    """The file list entry of an artefact whose figshare id is not known in advance (found by file name).
+
+    ``lists``: file lists already read, by (API, article); filled in, so that one download command
+    reads each article's list once. A name listed twice gives the newest upload (the highest id).
+    """
+    key = (api_url(api) or FIGSHARE_API, artefact.article)
+    files = None if lists is None else lists.get(key)
+    if files is None:
+        files = list_article_files(artefact.article, api)
+        if lists is not None:
+            lists[key] = files
+    hits = [f for f in files if f.name == artefact.file]
+    if not hits:
+        close = difflib.get_close_matches(artefact.file, [f.name for f in files], n=3, cutoff=0.6)
+        near = f"; names close to it: {', '.join(close)}" if close else ""
+        raise DownloadError(f"figshare article {artefact.article} lists no file named {artefact.file} "
+                            f"({len(files)} files listed{near}): the file may have been renamed or withdrawn; "
+                            f"look for it on {artefact.page} (and please report it), or set {MIRROR_ENV} to a "
+                            "server holding a copy")
+    return max(hits, key=lambda f: f.file_id)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where an artefact is fetched from and what the download must match."""
+    url: str
+    size: int | None
+    md5: str | None
+    listed: ListedFile | None = None
+
+
+def _source(a: Artefact, mirror: str | None, api: str | None, lists: dict) -> _Source:
+    """Known ids: the figshare URL (or the mirror). Ids resolved at download time: looked up in the
+    article's file list, whose size and md5 the download must match; with a mirror and no API set,
+    the mirror's copy is taken by name (checked for its content only)."""
+    if not a.resolved_at_download or (mirror_url(mirror) and not api_url(api)):
+        return _Source(a.url(mirror), a.size, a.md5)
+    f = resolve(a, api, lists)
+    url = a.url(mirror) if mirror_url(mirror) else (f.download_url or a.url(file_id=f.file_id))
+    return _Source(url, a.size if a.size is not None else f.size, a.md5 or f.md5, f)
+
+
 # ------------------------------------------------------------------------------------ archives
+
+def _is_image(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+
 
 def _member_parts(archive: Path, name: str, folder: Path) -> tuple[str, ...]:
     """Path components of an archive member; refuses names that would leave the unpack folder."""
@@ -362,9 +521,9 @@ def _member_parts(archive: Path, name: str, folder: Path) -> tuple[str, ...]:
     return parts
 
 
-def unpack_zip(archive, folder, expect=()) -> dict[str, int]:
+def unpack_zip(archive, folder, expect=(), min_images: int = 0) -> dict[str, int]:
     """Unpack a zip into ``folder`` (replacing it) and check that the ``expect`` files are there
-    (an entry ``a|b`` asks for either).
+    (an entry ``a|b`` asks for either) and that it holds at least ``min_images`` image files.
 
     A single top-level folder in the archive is dropped, so ``x.zip`` holding ``x/a.pt`` and one
     holding ``a.pt`` both give ``folder/a.pt``. Returns ``{file relative to folder: size}``.
@@ -403,6 +562,13 @@ def unpack_zip(archive, folder, expect=()) -> dict[str, int]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DownloadError(f"{archive}: the archive lacks {', '.join(missing)} (it holds "
                             f"{', '.join(found[:6]) or 'nothing'}{', ...' if len(found) > 6 else ''}); "
+                            "the published archive may have changed: please report it")
+    n_images = sum(_is_image(q.name) for q in tmp.rglob("*") if q.is_file())
+    if n_images < min_images:
+        found = sorted(q.relative_to(tmp).as_posix() for q in tmp.rglob("*") if q.is_file())
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DownloadError(f"{archive}: the archive holds {n_images} image files, expected at least {min_images} "
+                            f"(it holds {', '.join(found[:6]) or 'nothing'}{', ...' if len(found) > 6 else ''}); "
                             "the published archive may have changed: please report it")
     if folder.exists():
         shutil.rmtree(folder)
@@ -443,6 +609,8 @@ def is_complete(artefact: Artefact, home, manifest: dict | None = None) -> bool:
         return False
     if not all(any(alt in files for alt in group) for group in artefact.expected()):
         return False
+    if sum(map(_is_image, files)) < artefact.min_images:
+        return False
     return artefact.unpack or check_content(home / artefact.relpath, artefact.kind) is None
 
 
@@ -452,18 +620,18 @@ def _hint(a: Artefact, mirror: str | None) -> str:
     return f"look for {a.file} on {a.page}, or set {MIRROR_ENV} to a server holding a copy"
 
 
-def _get(a: Artefact, home: Path, mirror: str | None, progress, keep_archive: bool, log: Log) -> dict:
-    """Fetch (and unpack) one artefact; returns its manifest record."""
-    url = a.url(mirror)
+def _get(a: Artefact, home: Path, src: _Source, mirror: str | None, progress, keep_archive: bool, log: Log) -> dict:
+    """Fetch (and unpack) one artefact from ``src``; returns its manifest record."""
+    url = src.url
     path = home / a.relpath
     for attempt in (1, 2):
-        got = fetch(url, path, size=a.size, sha256=a.sha256, md5=a.md5, kind=a.kind, label=a.name,
+        got = fetch(url, path, size=src.size, sha256=a.sha256, md5=src.md5, kind=a.kind, label=a.name,
                     hint=_hint(a, mirror), page=a.page, progress=progress, log=log)
         files = {a.relpath: got.size}
         if not a.unpack:
             break
         try:
-            inner = unpack_zip(path, home / a.unpack_dir, a.expect)
+            inner = unpack_zip(path, home / a.unpack_dir, a.expect, a.min_images)
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:
             path.unlink()
             if attempt == 2:
@@ -477,22 +645,37 @@ def _get(a: Artefact, home: Path, mirror: str | None, progress, keep_archive: bo
         else:
             path.unlink()
         break
-    return {"name": a.name, "url": url, "file": a.relpath, "size": got.size, "sha256": got.sha256,
-            "md5": got.md5, "time": datetime.now(UTC).isoformat(timespec="seconds"), "files": files}
+    rec = {"name": a.name, "url": url, "file": a.relpath, "size": got.size, "sha256": got.sha256,
+           "md5": got.md5, "time": datetime.now(UTC).isoformat(timespec="seconds"), "files": files}
+    if a.file_id is not None:
+        rec["file_id"] = a.file_id
+    if src.listed is not None:   # the id, size and md5 the article's file list gave
+        rec["file_id"] = src.listed.file_id
+        rec["listed"] = {"article": a.article, "file_id": src.listed.file_id, "size": src.listed.size,
+                         "md5": src.listed.md5}
+    return rec
 
 
-def _adopt(a: Artefact, home: Path, log: Log) -> dict | None:
-    """A plain file already in place (no manifest record) whose published checksum matches and whose
-    content passes ``check_content``."""
+def _adopt(a: Artefact, home: Path, log: Log, src: _Source | None = None) -> dict | None:
+    """A plain file already in place (no manifest record) whose published checksum (or, for an id
+    looked up in the file list, the listed md5 and size: ``src``) matches and whose content passes
+    ``check_content``."""
     path = home / a.relpath
-    if a.unpack or not (a.sha256 or a.md5) or not path.is_file() or check_content(path, a.kind):
+    size, md5 = (src.size, src.md5) if src is not None else (a.size, a.md5)
+    if a.unpack or not (a.sha256 or md5) or not path.is_file() or check_content(path, a.kind):
         return None
     got = file_digests(path)
-    if _mismatch(got, a.size, a.sha256, a.md5):
+    if _mismatch(got, size, a.sha256, md5):
         return None
     log(f"{a.name}: found {path} with the published checksum; recorded it")
-    return {"name": a.name, "url": a.url(), "file": a.relpath, "size": got[0], "sha256": got[1], "md5": got[2],
-            "time": datetime.now(UTC).isoformat(timespec="seconds"), "files": {a.relpath: got[0]}}
+    rec = {"name": a.name, "url": src.url if src is not None else a.url(), "file": a.relpath, "size": got[0],
+           "sha256": got[1], "md5": got[2], "time": datetime.now(UTC).isoformat(timespec="seconds"),
+           "files": {a.relpath: got[0]}}
+    if src is not None and src.listed is not None:
+        rec["file_id"] = src.listed.file_id
+        rec["listed"] = {"article": a.article, "file_id": src.listed.file_id, "size": src.listed.size,
+                         "md5": src.listed.md5}
+    return rec
 
 
 def _progress_bar():
@@ -502,13 +685,17 @@ def _progress_bar():
                     TimeRemainingColumn(), console=Console(stderr=True))
 
 
-def download(names, dest=None, *, mirror: str | None = None, force: bool = False, progress: bool = True,
-             keep_archives: bool = False, log: Log | None = None) -> list[Path]:
+def download(names, dest=None, *, mirror: str | None = None, api: str | None = None, force: bool = False,
+             progress: bool = True, keep_archives: bool = False, log: Log | None = None) -> list[Path]:
     """Fetch artefacts by name (entries, groups such as ``paper-subject1``, prefixes such as
-    ``fmri/sub-01``) into ``dest`` (default ``default_home()``); returns the files they provide.
+    ``fmri/sub-01``) into ``dest`` (default ``default_home()``); returns the files they provide
+    (for an archive of stimulus images, the folder it is unpacked into).
 
     Recorded, complete artefacts are skipped unless ``force``. ``mirror``: base URL serving the
-    files by name (default ``$BRAINRECON_MIRROR``, else figshare).
+    files by name (default ``$BRAINRECON_MIRROR``, else figshare). ``api``: base URL of the figshare
+    API whose article file lists give the ids, sizes and md5 sums of the entries without a known id
+    (default ``$BRAINRECON_FIGSHARE_API``, else ``https://api.figshare.com/v2``; with a mirror and
+    neither set, those files are taken from the mirror by name, checked for their content only).
     """
     log = log or _quiet
     items = expand(names)
@@ -519,18 +706,22 @@ def download(names, dest=None, *, mirror: str | None = None, force: bool = False
         raise DownloadError(f"{home}: cannot create the download folder ({e.strerror or e}); "
                             "choose another with --dest or $BRAINRECON_HOME") from None
     bar = _progress_bar() if progress else None
+    lists: dict = {}   # article file lists read so far
     with bar if bar is not None else nullcontext():
         for a in items:
             manifest = read_manifest(home)
             if not force and is_complete(a, home, manifest):
                 log(f"{a.name}: already downloaded")
                 continue
-            rec = None if force else _adopt(a, home, log)
-            if rec is None:
-                try:
-                    rec = _get(a, home, mirror, bar, keep_archives, log)
-                except DownloadError as e:
-                    raise DownloadError(f"{a.name}: {e}") from None
+            try:
+                src = _source(a, mirror, api, lists)
+                rec = None if force else _adopt(a, home, log, src)
+                fetched = rec is None
+                if fetched:
+                    rec = _get(a, home, src, mirror, bar, keep_archives, log)
+            except DownloadError as e:
+                raise DownloadError(f"{a.name}: {e}") from None
+            if fetched:
                 log(f"{a.name}: done ({_mb(rec['size'])})")
             _record(home, rec)
     return [p for a in items for p in a.paths(home)]
@@ -543,8 +734,12 @@ def describe(dest=None) -> str:
     width = max(map(len, list(ARTEFACTS) + list(GROUPS)))
     lines = [f"download folder: {home}", "", "artefacts:"]
     for a in ARTEFACTS.values():
-        mark = "[downloaded]" if is_complete(a, home, manifest) else ""
-        lines.append(f"  {a.name:<{width}}  {a.description} {mark}".rstrip())
+        marks = ["[id from the file list]" if a.resolved_at_download else "",
+                 "[downloaded]" if is_complete(a, home, manifest) else ""]
+        lines.append(f"  {a.name:<{width}}  {a.description} {' '.join(m for m in marks if m)}".rstrip())
+    lines += ["", f"[id from the file list]: the figshare file id is looked up by name in the article's public "
+                  f"file list at download time ({FIGSHARE_API}/articles/<id>/files; {API_ENV} sets another "
+                  "server), and the download is checked against the size and md5 listed there"]
     lines += ["", "groups (a prefix such as fmri/sub-01 also names everything below it):"]
     lines += [f"  {g:<{width}}  {GROUP_HELP.get(g, ', '.join(GROUPS[g]))}" for g in GROUPS]
     return "\n".join(lines)
