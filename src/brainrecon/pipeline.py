@@ -48,16 +48,25 @@ class PipelineConfig(DecoderConfig):
     """Everything that decides a run's result: the decoding settings (:class:`DecoderConfig`), the
     network, the reconstruction (:class:`ReconConfig`) and its evaluation. One seed: ``seed`` also
     seeds the reconstruction. Unknown fields and out-of-range values are refused."""
-    network: str = "hed-vgg16"
-    image_size: int = Field(224, ge=MIN_IMAGE_SIZE)
-    roi: str = "ROI_VC"
-    recon_layers: list[str] | None = None    # layers whose features the reconstruction matches; None: all decoded
-    unit_weighting: Literal["reliability", "none"] = "reliability"  # reconstruction loss per unit: its cross-validated decoding R^2, or equal
-    recon: ReconConfig = ReconConfig()
-    generator: str | None = None             # for recon.prior "generator": "builtin" or "relu7:PATH"
-    rescale: bool = False                    # rescale decoded features to the true features SD (paper); off: measured better here
-    true_feature_recon: bool = True          # also reconstruct from the true features (upper bound)
-    snapshots: list[int] | None = None       # iterations whose images are kept (from decoded features); None: 0, 5%, 12.5%, 25%, 50%
+    network: str = Field("hed-vgg16", description="hed-vgg16, vgg19-caffe:PATH or vgg19-torchvision:PATH")
+    image_size: int = Field(224, ge=MIN_IMAGE_SIZE, description="network input size in pixels")
+    roi: str = Field("ROI_VC", description="ROI name or union, e.g. ROI_VC or ROI_V1+ROI_V2")
+    recon_layers: list[str] | None = Field(None, description="comma-separated layers whose features the "
+                                                             "reconstruction matches (default: all decoded)")
+    unit_weighting: Literal["reliability", "none"] = Field(
+        "reliability", description="reconstruction loss per unit: reliability (each unit weighted by its "
+                                   "cross-validated decoding R^2, layers up to 200,000 units, feature cache on disk) "
+                                   "or none (all units equal, as in the paper)")
+    recon: ReconConfig = Field(ReconConfig(), description="reconstruction settings (brainrecon.ReconConfig)")
+    generator: str | None = Field(None, description="generator for --prior generator: builtin (default) or "
+                                                    "relu7:PATH to the lab's generator_relu7.pt")
+    rescale: bool = Field(False, description="rescale decoded features to the true features' SD (paper; off: "
+                                             "measured better here)")
+    true_feature_recon: bool = Field(True, description="also reconstruct from the true features (upper bound); "
+                                                       "--no-true-features skips them")
+    snapshots: list[int] | None = Field(None, description="comma-separated iterations whose images are kept and "
+                                                          "shown in the report (default: 0 and 5, 12.5, 25, 50% of "
+                                                          "the iterations; 'none' for none)")
 
     @model_validator(mode="after")
     def _one_seed(self) -> "PipelineConfig":

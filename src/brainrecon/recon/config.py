@@ -130,7 +130,8 @@ class ReconConfig(_Settings):
     checkpoint_every: int = Field(20, ge=1, description="iterations between checkpoints (with "
                                                         "reconstruct(checkpoint=...))")
     snapshots: list[int] = Field([], description="iterations whose images are kept (0: the start image)")
-    layer_scale: dict[str, float] = Field({}, description="extra per-layer weight multipliers (default 1)")
+    layer_scale: dict[str, float] = Field({}, description="LAYER=FACTOR: extra weight multiplier of a layer in "
+                                                          "the reconstruction loss (default 1; repeatable)")
 
     @model_validator(mode="before")
     @classmethod
