@@ -230,9 +230,9 @@ def resolve_set(root: type[BaseModel], item: str) -> tuple[tuple[str, ...], Any]
         if model is None:          # inside a dict-valued setting: any key
             break
         if name not in model.model_fields:
-            place = ".".join(where) or "the run's settings"
+            place = ".".join(where) or "the run"
             valid = ", ".join(".".join((*where, k)) for k in model.model_fields)
-            raise SettingsError(f"--set {item!r}: {name!r} is not one of {place}; valid: {valid}")
+            raise SettingsError(f"--set {item!r}: {name!r} is not a setting of {place}; valid: {valid}")
         where = (*where, name)
         model = model_at(root, where)
     try:
