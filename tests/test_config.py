@@ -159,3 +159,14 @@ def test_feature_accuracy_is_a_typed_record_per_layer():
     assert scores.feature_identification == 1.0
     assert list(scores.to_json()) == ["profile_correlation", "pattern_correlation", "feature_identification"]
     assert json.loads(json.dumps(scores.to_json()))["feature_identification"] == 1.0
+
+
+def test_the_other_commands_do_not_build_the_settings_options():
+    """The options are made from the schema when run/compare/demo are used, not at every start."""
+    import subprocess
+    import sys
+    code = ("import sys; from typer.testing import CliRunner; from brainrecon.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0 and 'demo' in r.output; "
+            "print('brainrecon.pipeline' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .cli_settings import with_settings
+from .cli_settings import settings_command
 
 # Plain click output for usage errors and help: rich's panels re-wrap messages at the terminal width.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -252,8 +252,7 @@ def _run_setup(config: Optional[Path], inputs: dict, settings: dict):
     return cfg, Path(opts["train"]), tests, Path(opts["images"]), Path(opts["out"])
 
 
-@app.command()
-@with_settings(_settings_options)
+@settings_command(app, _settings_options)
 def run(config: Optional[Path] = CONFIG_ARG,
         train: Optional[Path] = INPUT_OPT["train"], test: Optional[list[str]] = INPUT_OPT["test"],
         images: Optional[Path] = INPUT_OPT["images"], out: Optional[Path] = INPUT_OPT["out"],
@@ -269,8 +268,7 @@ def run(config: Optional[Path] = CONFIG_ARG,
 COMPARISONS = ("rois", "layers", "priors")
 
 
-@app.command()
-@with_settings(_settings_options)
+@settings_command(app, _settings_options)
 def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis (V1, V2, V3, V4, HVC, VC); "
                                               "layers: the layer-combination analysis (conv1, conv1-2, ... all); "
                                               "priors: every reconstruction prior on the same decoded features"),
@@ -312,9 +310,8 @@ def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis
 DEMO_OPTIONS = ("image_size", "seed", "iterations", "prior")   # the settings demo takes (others with --set)
 
 
-@app.command()
-@with_settings(lambda: _settings_options(DEMO_OPTIONS),
-               defaults={"image_size": DEMO["image_size"], "seed": 0, "iterations": 200, "prior": DEMO_PRIOR})
+@settings_command(app, lambda: _settings_options(DEMO_OPTIONS),
+                  defaults={"image_size": DEMO["image_size"], "seed": 0, "iterations": 200, "prior": DEMO_PRIOR})
 def demo(out: Path = typer.Option(Path("demo_out"), help="output folder"),
          n_train: int = typer.Option(DEMO["n_train_images"], help="training images"),
          n_test_natural: int = typer.Option(DEMO["n_test_natural"], help="held-out natural test images"),

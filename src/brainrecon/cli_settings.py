@@ -13,10 +13,12 @@ from __future__ import annotations
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import typer
+from typer.core import TyperCommand
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
@@ -24,6 +26,9 @@ from pydantic.fields import FieldInfo
 RENAMED = {"layer_rois": ("layer_roi", False), "true_feature_recon": ("no_true_features", True)}
 SET_HELP = ("any setting as DOTTED.PATH=VALUE, the value read as YAML, e.g. --set recon.fourier.lr=0.05 or "
             "--set executor_options='{n_workers: 4}' (repeatable; see docs/usage.md)")
+
+
+_SETTINGS_KEY = "brainrecon.settings"
 
 
 class SettingsError(ValueError):
@@ -114,65 +119,74 @@ def setting_options() -> list[SettingOption]:
 
 
 def option_parameters(options: list[SettingOption], defaults: dict[str, Any] | None = None) -> list[inspect.Parameter]:
-    """Typer parameters of ``options`` (default None: a flag not given leaves the config file's value);
-    ``defaults`` {dest: value}: options that default to a value instead (shown in the help)."""
+    """Typer parameters of ``options`` and ``--set`` (default None: an option not given leaves the
+    config file's value); ``defaults`` {dest: value}: options that default to a value instead."""
     params = []
     for o in options:
         default = (defaults or {}).get(o.dest)
         help_text = o.help if default is None else f"{o.help.split(' [default:')[0]} [default: {default}]"
-        if o.kind == "bool":
-            info, ann = typer.Option(default, f"{o.flag}/--no-{o.flag[2:]}", help=help_text), Optional[bool]
-        elif o.kind == "inverted":
-            info, ann = typer.Option(default, o.flag, help=help_text), Optional[bool]
-        elif o.kind == "pairs":
-            info, ann = typer.Option(default, o.flag, help=help_text), Optional[list[str]]
-        elif o.kind == "list":
-            info, ann = typer.Option(default, o.flag, help=help_text), Optional[str]
-        else:
-            info, ann = typer.Option(default, o.flag, help=help_text, show_default=False), Optional[o.item]
+        decls = [f"{o.flag}/--no-{o.flag[2:]}"] if o.kind == "bool" else [o.flag]
+        ann = {"bool": Optional[bool], "inverted": Optional[bool], "pairs": Optional[list[str]],
+               "list": Optional[str]}.get(o.kind, Optional[o.item])
+        info = typer.Option(default, *decls, help=help_text, show_default=False)
         params.append(inspect.Parameter(o.dest, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=ann))
     params.append(inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
                                     default=typer.Option(None, "--set", help=SET_HELP)))
     return params
 
 
-class _SettingsCommand:
-    """A command whose signature (read by typer when the CLI is built) is the function's own parameters
-    followed by the settings options; built on first use, so that ``brainrecon --help`` and the other
-    commands need not import the pipeline."""
-
-    def __init__(self, fn, options, defaults):
-        self.fn, self._options, self._defaults, self._params = fn, options, defaults, None
-        self.__name__, self.__qualname__, self.__doc__, self.__module__ = (fn.__name__, fn.__qualname__, fn.__doc__,
-                                                                          fn.__module__)
-
-    def _build(self) -> list[inspect.Parameter]:
-        if self._params is None:
-            hints = typing.get_type_hints(self.fn)
-            own = [p.replace(annotation=hints.get(p.name, p.annotation))
-                   for p in inspect.signature(self.fn).parameters.values() if p.name != "settings"]
-            self._params = own + option_parameters(self._options(), self._defaults)
-        return self._params
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.Signature(self._build())
-
-    @property
-    def __annotations__(self) -> dict:
-        return {p.name: p.annotation for p in self._build()}
-
-    def __call__(self, **kwargs):
-        own = set(inspect.signature(self.fn).parameters) - {"settings"}
-        settings = {k: kwargs.pop(k) for k in list(kwargs) if k not in own}
-        return self.fn(**kwargs, settings=settings)
+def _click_params(params: list[inspect.Parameter]) -> list:
+    """The click parameters typer makes of ``params`` (a throwaway one-command app)."""
+    def command(**kwargs):
+        pass
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    tmp = typer.Typer(add_completion=False)
+    tmp.command()(command)
+    return list(typer.main.get_command(tmp).params)
 
 
-def with_settings(options, defaults: dict[str, Any] | None = None):
-    """Decorator: add the settings options ``options()`` (a list of :class:`SettingOption`) and ``--set``
-    to a command ``fn(..., *, settings)``; the command receives ``settings`` {dest: value or None}
-    (``set_``: the ``--set`` items)."""
-    return lambda fn: _SettingsCommand(fn, options, defaults)
+def settings_command(app: typer.Typer, options: Callable[[], list[SettingOption]],
+                     defaults: dict[str, Any] | None = None):
+    """Decorator: register ``fn(..., *, settings)`` as a command of ``app`` with its own parameters and
+    the settings options ``options()`` plus ``--set``; ``fn`` receives ``settings`` {dest: value or
+    None} (``set_``: the ``--set`` items). The settings options are made when the command is used
+    (its help or a call), so that the other commands need not import the pipeline."""
+    class Command(TyperCommand):
+        _all: list | None = None
+
+        @property
+        def params(self) -> list:   # one list, made once (click appends to it)
+            if self._all is None:
+                self._all = self._own + _click_params(option_parameters(options(), defaults))
+            return self._all
+
+        @params.setter
+        def params(self, value: list) -> None:
+            self._own, self._all = list(value), None
+
+        def invoke(self, ctx):
+            own = {p.name for p in self._own}
+            extra = {k: ctx.params.pop(k) for k in list(ctx.params) if k not in own}
+            ctx.meta[_SETTINGS_KEY] = {k: (list(v) or None) if isinstance(v, tuple) else v for k, v in extra.items()}
+            return super().invoke(ctx)
+
+    def register(fn):
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name != "settings"]
+        hints = typing.get_type_hints(fn)
+
+        def command(_settings_ctx: typer.Context, **kwargs):
+            return fn(**kwargs, settings=_settings_ctx.meta.get(_SETTINGS_KEY, {}))
+
+        ctx_param = inspect.Parameter("_settings_ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                      annotation=typer.Context)
+        command.__signature__ = inspect.Signature([ctx_param, *params])
+        command.__annotations__ = {"_settings_ctx": typer.Context,
+                                   **{p.name: hints.get(p.name, p.annotation) for p in params}}
+        command.__name__, command.__doc__, command.__module__ = fn.__name__, fn.__doc__, fn.__module__
+        app.command(cls=Command)(command)
+        return fn
+    return register
 
 
 def parse_value(o: SettingOption, value: Any) -> Any:
