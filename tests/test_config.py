@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from brainrecon.cli import _run_setup, app
-from brainrecon.cli_settings import _kind, setting_options
+from brainrecon.cli_settings import option_kind, setting_options
 from brainrecon.decode.decoder import DecodedFeatures
 from brainrecon.evaluate.decoding import DecodingScores
 from brainrecon.pipeline import PipelineConfig, feature_accuracy
@@ -105,7 +105,7 @@ def test_the_cache_key_comes_from_the_chosen_priors_settings():
 def test_every_settable_field_has_an_option_and_its_description_as_help():
     options = {o.path: o for o in setting_options()}
     for name, info in PipelineConfig.model_fields.items():
-        if _kind(info.annotation) is not None:          # a field added later gets its option too
+        if option_kind(info.annotation) is not None:          # a field added later gets its option too
             assert (name,) in options, name
     for name in ("prior", "iterations", "device"):
         assert ("recon", name) in options

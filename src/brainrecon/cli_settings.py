@@ -59,7 +59,7 @@ def _unwrap(annotation):
     return annotation, typing.get_origin(annotation)
 
 
-def _kind(annotation) -> tuple[str, type] | None:
+def option_kind(annotation) -> tuple[str, type] | None:
     """How a field of this type is given on the command line, or None (by --set only)."""
     inner, origin = _unwrap(annotation)
     if inner is bool:
@@ -108,7 +108,7 @@ def setting_options() -> list[SettingOption]:
             if name in taken or is_submodel(info.annotation):
                 continue
             taken.add(name)
-            how = _kind(info.annotation)
+            how = option_kind(info.annotation)
             if how is None:
                 continue
             dest, inverted = RENAMED.get(name, (name, False))
