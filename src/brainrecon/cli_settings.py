@@ -15,20 +15,19 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import typer
-from typer.core import TyperCommand
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from typer.core import TyperCommand
 
 # field -> (option name, inverted): historical option names the tests and users rely on
 RENAMED = {"layer_rois": ("layer_roi", False), "true_feature_recon": ("no_true_features", True)}
 SET_HELP = ("any setting as DOTTED.PATH=VALUE, the value read as YAML, e.g. --set recon.fourier.lr=0.05 or "
             "--set executor_options='{n_workers: 4}' (repeatable; see docs/usage.md)")
-
-
-_SETTINGS_KEY = "brainrecon.settings"
+_SETTINGS_KEY = "brainrecon.settings"   # where a command's settings options wait for it (click context meta)
 
 
 class SettingsError(ValueError):
@@ -66,6 +65,8 @@ def option_kind(annotation) -> tuple[str, type] | None:
         return "bool", bool
     if inner in (int, float, str):
         return "scalar", inner
+    if inner is Path:
+        return "scalar", str
     if origin is Literal:
         return "scalar", str
     args = typing.get_args(inner)
