@@ -69,7 +69,8 @@ def test_a_former_key_in_a_yaml_file_is_one_clear_error(inputs, tmp_path):
     cfg.write_text(f"train: {inputs['train']}\ntest: {{letters: {tmp_path / 'test.h5'}}}\n"
                    f"images: {inputs['images']}\nout: {inputs['out']}\nrecon: {{prior: fourier, fourier_lr: 0.05}}\n")
     line = _error_line(runner.invoke(app, ["run", str(cfg)]))
-    assert "fourier_lr is now recon.fourier.lr" in line and "{'prior'" not in line
+    assert "error: recon: former reconstruction setting(s): fourier_lr is now recon.fourier.lr" in line
+    assert "{'prior'" not in line
     cfg.write_text(cfg.read_text().replace("fourier_lr: 0.05", "fourier: {lrr: 0.05}"))
     line = _error_line(runner.invoke(app, ["run", str(cfg)]))
     assert "recon.fourier.lrr: unknown setting; valid: lr, decay_power" in line

@@ -75,7 +75,8 @@ def settings_message(error) -> str:
     for e in error.errors():
         loc = tuple(str(x) for x in e["loc"] if isinstance(x, str))
         field = loc[-1] if loc else "setting"
-        name = flags.get(loc) or (OPTION_NAMES.get(field, "--" + field.replace("_", "-")) if len(loc) <= 1
+        whole = error.title == "PipelineConfig" and bool(loc) and model_at(PipelineConfig, loc) is not None
+        name = flags.get(loc) or (OPTION_NAMES.get(field, "--" + field.replace("_", "-")) if len(loc) <= 1 and not whole
                                   else ".".join(loc))
         msg = e["msg"].removeprefix("Value error, ").replace("greater than or equal to", "at least")
         msg = msg[:1].lower() + msg[1:]
@@ -84,7 +85,6 @@ def settings_message(error) -> str:
             valid = f"; valid: {', '.join(parent.model_fields)}" if parent is not None else ""
             msg = f"unknown setting{valid}"
         hint = f" ({SETTING_HINTS[field]})" if field in SETTING_HINTS and "than" in e["type"] else ""
-        whole = error.title == "PipelineConfig" and model_at(PipelineConfig, loc) is not None
         value = "" if e["type"] in ("missing", "extra_forbidden") or whole else f" {e['input']!r}"
         parts.append(f"{name}{value}: {msg}{hint}")
     return "; ".join(parts)
