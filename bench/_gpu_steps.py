@@ -222,7 +222,7 @@ def compare_prior(prior: str, plan, nets, gens, targets, dev) -> Comparison:
     # the Fourier prior's random transforms draw from the device's random stream, which differs
     # between CPU and CUDA by design: set to zero here, so both runs compute the same thing
     cfg = ReconConfig(prior=prior, iterations=plan.agree_iterations, batch_size=plan.agree_images,
-                      augment_jitter=0.0, augment_scale=0.0, augment_rotate=0.0)
+                      augment={"jitter": 0.0, "scale": 0.0, "rotate": 0.0})
     cmp = Comparison(f"prior {prior} ({plan.agree_iterations} iterations, {plan.agree_images} images, "
                      f"{plan.agree_size} px)")
 

@@ -65,8 +65,8 @@ def main() -> None:
         for s in sets:
             n = len(s.labels)
             t = true[s.name][layer].reshape(n, -1)[:, st.sample_index]
-            a = decoding_accuracy(pred_k[row:row + n], t, mean, sd)
-            b = decoding_accuracy(pred_s[row:row + n], t, mean, sd)
+            a = decoding_accuracy(pred_k[row:row + n], t, mean, sd).to_json()
+            b = decoding_accuracy(pred_s[row:row + n], t, mean, sd).to_json()
             rows.append((layer, s.name, a, b))
             row += n
         log(f"  {layer}: kernel alpha {alpha:g}")

@@ -68,14 +68,14 @@ def main() -> None:
     result = {"image_size": args.image_size, "layers": len(layers), "units": units, "n_train_samples": len(image_index),
               "n_voxels": int(train.X.shape[1]), "store": args.store, "load_seconds": round(t_load, 1),
               "decode_seconds": round(t_decode, 1), "stage_seconds": log.times, "peak_rss_gb": round(rss, 2),
-              "profile_r": {k: round(v["profile_correlation"], 3) for k, v in scores.items()},
-              "pattern_r": {k: round(v["pattern_correlation"], 3) for k, v in scores.items()},
-              "feature_identification": {k: round(v["feature_identification"], 4) for k, v in scores.items()},
+              "profile_r": {k: round(v.profile_correlation, 3) for k, v in scores.items()},
+              "pattern_r": {k: round(v.pattern_correlation, 3) for k, v in scores.items()},
+              "feature_identification": {k: round(v.feature_identification, 4) for k, v in scores.items()},
               "alphas": used, "single_trial_alphas": {k: v["alpha"] for k, v in alphas.items()}}
     print(json.dumps(result, indent=2))
     if args.write:
-        rows = "\n".join(f"| {k} | {used[k]:g} | {scores[k]['profile_correlation']:.3f} | "
-                         f"{scores[k]['pattern_correlation']:.3f} | {scores[k]['feature_identification']:.1%} |"
+        rows = "\n".join(f"| {k} | {used[k]:g} | {scores[k].profile_correlation:.3f} | "
+                         f"{scores[k].pattern_correlation:.3f} | {scores[k].feature_identification:.1%} |"
                          for k in layers)
         text = f"""
 ## Kernel ridge, all conv layers at {args.image_size} px, features streamed

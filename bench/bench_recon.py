@@ -181,7 +181,7 @@ def bench_priors(args) -> list[str]:
     times, ratios = {p: [] for p in priors}, {}
     for _ in range(args.repeats):   # round robin, so that changes in the machine's load hit every prior alike
         for prior in priors:
-            cfg = ReconConfig(prior=prior, iterations=its, batch_size=n, generator_crop=224)
+            cfg = ReconConfig(prior=prior, iterations=its, batch_size=n, generator={"crop": 224})
             t0 = time.perf_counter()
             images, _ = reconstruct(targets, net, size, cfg, generator=generator)
             times[prior].append((time.perf_counter() - t0) / its)

@@ -55,8 +55,8 @@ def main() -> None:
         decoded = decoder.predict_sets({s.name: s.fmri for s in sets})
         seconds[mode] = time.time() - t0
         alphas_of[mode] = {k: p.to_json() for k, p in next(iter(decoded.values())).alphas.items()}
-        results[mode] = {s.name: feature_accuracy(decoded[s.name], extract_features(network, s.images, layers))
-                         for s in sets}
+        results[mode] = {s.name: {k: v.to_json() for k, v in feature_accuracy(
+            decoded[s.name], extract_features(network, s.images, layers)).items()} for s in sets}
     print(json.dumps({"seconds": seconds, "results": results}, indent=1, default=float))
 
     names = list(tests)

@@ -62,14 +62,15 @@ def test_a_runs_config_json_repeats_it(small_subject, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"train: {subject / 'train.h5'}\ntest: {{letters: {subject / 'test_letters.h5'}}}\n"
                    f"images: {subject / 'images'}\nout: {tmp_path / 'c'}\nimage_size: 32\n"
-                   "recon: {iterations: 3, fourier_lr: 0.05, prior: fourier}\nalpha_sampel_units: 64\n")
+                   "recon: {iterations: 3, fourier: {lr: 0.05}, prior: fourier}\nalpha_sampel_units: 64\n")
     bad = runner.invoke(app, ["run", str(cfg)])
     assert bad.exit_code == 2 and "unknown key(s) alpha_sampel_units" in bad.output and "alpha_sample_units" in bad.output
     cfg.write_text(cfg.read_text().replace("alpha_sampel_units", "alpha_sample_units"))
-    ok = runner.invoke(app, ["run", str(cfg), "--no-true-features"])
+    ok = runner.invoke(app, ["run", str(cfg), "--no-true-features", "--set", "recon.augment.rotate=5"])
     assert ok.exit_code == 0, ok.output
     written = json.loads((tmp_path / "c" / "config.json").read_text())
-    assert written["alpha_sample_units"] == 64 and written["recon"]["fourier_lr"] == 0.05
+    assert written["alpha_sample_units"] == 64 and written["recon"]["fourier"]["lr"] == 0.05
+    assert written["recon"]["augment"]["rotate"] == 5 and written["true_feature_recon"] is False
 
 
 def test_other_images_are_another_run(small_subject, tmp_path):

@@ -75,8 +75,8 @@ def _old_reconstruct(targets, network, size, cfg):
         x = torch.rand(m, 3, size, size, generator=gen) * 255 - mean
         delta = torch.zeros_like(x)
         lin = lambda a, c: np.linspace(a, c, cfg.iterations)
-        lrs, decays = lin(cfg.lr_start, cfg.lr_end), lin(cfg.decay_start, cfg.decay_end)
-        blurs = lin(cfg.blur_start * size / 224, cfg.blur_end * size / 224)
+        lrs, decays = lin(cfg.gd.lr_start, cfg.gd.lr_end), lin(cfg.gd.decay_start, cfg.gd.decay_end)
+        blurs = lin(cfg.gd.blur_start * size / 224, cfg.gd.blur_end * size / 224)
         for it in range(cfg.iterations):
             x.requires_grad_(True)
             feats = network((x + mean) / 255.0, layers)
@@ -85,17 +85,17 @@ def _old_reconstruct(targets, network, size, cfg):
             with torch.no_grad():
                 x = x.detach()
                 grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12)
-                delta = cfg.momentum * delta + lrs[it] * grad
+                delta = cfg.gd.momentum * delta + lrs[it] * grad
                 x = gaussian_blur((1 - decays[it]) * (x - delta), float(blurs[it]))
-                if cfg.chroma_blur > 0:
-                    x = blur_chroma(x, cfg.chroma_blur)
+                if cfg.gd.chroma_blur > 0:
+                    x = blur_chroma(x, cfg.gd.chroma_blur)
                 x = torch.maximum(torch.minimum(x, 255 - mean), -mean)
         out.append((x + mean) / 255.0)
     return torch.cat(out)
 
 
 def test_default_is_the_previous_gradient_descent(network, problem):
-    cfg = ReconConfig(iterations=8, batch_size=3, chroma_blur=1.0, seed=4)
+    cfg = ReconConfig(iterations=8, batch_size=3, gd={"chroma_blur": 1.0}, seed=4)
     images, _ = reconstruct(problem, network, SIZE, cfg)
     assert torch.equal(images, _old_reconstruct(problem, network, SIZE, cfg))
     assert not any(p.requires_grad or p.grad is not None for p in network.parameters())
@@ -162,7 +162,7 @@ def test_generator_prior_needs_a_generator(network, problem):
 @pytest.mark.parametrize("prior", ["gd", "fourier", "dip"])
 def test_checkpoint_resume_gives_the_same_images(network, problem, prior, tmp_path):
     cfg = ReconConfig(prior=prior, iterations=12, batch_size=2, checkpoint_every=5, snapshots=[3, 9, 12],
-                      dip_input_noise=0.05)
+                      dip={"input_noise": 0.05})
     full, full_snaps = reconstruct(problem, network, SIZE, cfg)
     # crash in iteration 8 of the second batch (after batch 1 finished): resume from its iteration 5
     crashing = Interrupting(network, after=12 + 7)

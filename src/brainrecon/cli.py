@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from .cli_settings import settings_command
+
 # Plain click output for usage errors and help: rich's panels re-wrap messages at the terminal width.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Deep image reconstruction from fMRI: decode DNN features, reconstruct images, evaluate.")
@@ -57,22 +59,33 @@ def _run_guarded(fn, out: Path | None = None):
         raise typer.Exit(1) from None
 
 
-OPTION_NAMES = {"layer_rois": "--layer-roi", "true_feature_recon": "--no-true-features",
-                "n_train_images": "--n-train"}
+OPTION_NAMES = {"n_train_images": "--n-train"}   # simulate's options named otherwise than their fields
 SETTING_HINTS = {"image_size": "the networks' conv5 layers sit after four 2x poolings",
                  "iterations": "a reconstruction needs at least one optimisation step"}
 
 
 def settings_message(error) -> str:
-    """A pydantic ``ValidationError`` of the run settings as one line naming each option, its value and the rule."""
+    """A pydantic ``ValidationError`` of the settings as one line naming each option (or the setting's
+    dotted path where it has none), its value and the rule; an unknown setting with the valid ones."""
+    from .cli_settings import model_at, setting_options
+    from .pipeline import PipelineConfig
+
+    flags = {o.path: o.flag for o in setting_options()}
     parts = []
     for e in error.errors():
-        field = next((str(x) for x in reversed(e["loc"]) if isinstance(x, str)), "setting")
-        name = OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
+        loc = tuple(str(x) for x in e["loc"] if isinstance(x, str))
+        field = loc[-1] if loc else "setting"
+        whole = error.title == "PipelineConfig" and bool(loc) and model_at(PipelineConfig, loc) is not None
+        name = flags.get(loc) or (OPTION_NAMES.get(field, "--" + field.replace("_", "-")) if len(loc) <= 1 and not whole
+                                  else ".".join(loc))
         msg = e["msg"].removeprefix("Value error, ").replace("greater than or equal to", "at least")
         msg = msg[:1].lower() + msg[1:]
+        if e["type"] == "extra_forbidden":
+            parent = model_at(PipelineConfig, loc[:-1]) if error.title == "PipelineConfig" else None
+            valid = f"; valid: {', '.join(parent.model_fields)}" if parent is not None else ""
+            msg = f"unknown setting{valid}"
         hint = f" ({SETTING_HINTS[field]})" if field in SETTING_HINTS and "than" in e["type"] else ""
-        value = "" if e["type"] == "missing" else f" {e['input']!r}"
+        value = "" if e["type"] in ("missing", "extra_forbidden") or whole else f" {e['input']!r}"
         parts.append(f"{name}{value}: {msg}{hint}")
     return "; ".join(parts)
 
@@ -102,16 +115,14 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
         _say(f"{name}: {p}")
 
 
-# the run command's options; every other setting is a field of PipelineConfig, given in a config file
-RUN_OPTIONS = ("roi", "layer_roi", "image_size", "iterations", "network", "seed", "no_true_features", "prior",
-               "generator", "layers", "feature_store", "executor", "executor_options", "decoder", "alpha_per",
-               "alpha_cv", "train_trials", "unit_weighting", "snapshots")
+INPUTS = ("train", "test", "images", "out")
 
 
 def _run_keys() -> tuple[str, ...]:
-    """Keys of a run config file: the inputs, the run options, and every PipelineConfig field."""
+    """Keys of a run config file: the inputs, the settings options, and every PipelineConfig field."""
+    from .cli_settings import setting_options
     from .pipeline import PipelineConfig
-    return tuple(dict.fromkeys(("train", "test", "images", "out", *RUN_OPTIONS, *PipelineConfig.model_fields)))
+    return tuple(dict.fromkeys((*INPUTS, *(o.dest for o in setting_options()), *PipelineConfig.model_fields)))
 
 
 def _pairs(items, flag: str, example: str) -> dict[str, str]:
@@ -158,145 +169,124 @@ def _read_config(path: Path) -> dict:
     return data
 
 
-OPT = dict(
+INPUT_OPT = dict(
     train=typer.Option(None, help="training fMRI (BData .h5)"),
     test=typer.Option(None, help="test set as NAME=PATH (repeatable)"),
     images=typer.Option(None, help="folder of stimulus images, one file per label (<label>.<ext>)"),
     out=typer.Option(None, help="output folder"),
-    roi=typer.Option(None, help="ROI name or union, e.g. ROI_VC or ROI_V1+ROI_V2 (default ROI_VC)"),
-    layer_roi=typer.Option(None, help="LAYER=ROI: decode a layer (or all layers of a prefix such as conv1) from "
-                                      "another ROI, e.g. conv1=ROI_V1+ROI_V2+ROI_V3 (repeatable)"),
-    image_size=typer.Option(None, help="network input size in pixels (default 224)"),
-    iterations=typer.Option(None, help="reconstruction iterations (default 200)"),
-    network=typer.Option(None, help="hed-vgg16 (default), vgg19-caffe:PATH or vgg19-torchvision:PATH"),
-    prior=typer.Option(None, help="reconstruction prior: gd (paper, pixels), lbfgs (paper, pixels), generator "
-                                  "(paper's DGN: see --generator), fourier, dip (default gd)"),
-    generator=typer.Option(None, help="generator for --prior generator: builtin (default) or relu7:PATH to the "
-                                      "lab's generator_relu7.pt"),
-    layers=typer.Option(None, help="comma-separated layers to decode (default: all of the network)"),
-    executor=typer.Option(None, help="decoding tasks: local (default), processes:N, dask, dask:ADDRESS"),
-    decoder=typer.Option(None, help="kernel (default: all-voxel ridge, penalty by cross-validation) or selection "
-                                    "(the lab's FastL2LiR: top 500 voxels per unit, alpha 100)"),
-    alpha_per=typer.Option(None, help="kernel ridge penalty: layer (default: one per layer, by cross-validation on "
-                                      "a sample of its units) or unit (each unit its own, for layers up to 200,000 "
-                                      "units; needs the feature cache on disk)"),
-    alpha_cv=typer.Option(None, help="what the layer's ridge penalty is cross-validated for: averaged (default: "
-                                     "inputs averaged over as many presentations as each test set has, so each "
-                                     "test set gets its own penalty) or single (single presentations)"),
-    train_trials=typer.Option(None, help="what the kernel decoder is fit on: averaged (default: each training image's "
-                                         "mean presentation) or single (every presentation, as in the paper)"),
-    unit_weighting=typer.Option(None, help="reconstruction loss per unit: reliability (default: each unit weighted by "
-                                           "its cross-validated decoding R^2, layers up to 200,000 units, feature "
-                                           "cache on disk) or none (all units equal, as in the paper)"),
-    snapshots=typer.Option(None, help="comma-separated iterations whose images are kept and shown in the report "
-                                      "(default: 0 and 5, 12.5, 25, 50% of the iterations; 'none' for none)"),
-    seed=typer.Option(None, help="random seed (default 0)"),
-    no_true_features=typer.Option(None, "--no-true-features", help="skip reconstructions from true features"),
     overwrite=typer.Option(False, "--overwrite", help="the output folder holds another run (other settings or "
                                                       "inputs): replace that run's outputs (its caches are kept)"),
 )
+CONFIG_ARG = typer.Argument(None, help="YAML file with any of the options below (or any setting of a run's "
+                                       "config.json) as keys; options given on the command line win")
 
 
-def _run_setup(config, given: dict):
-    """Merge the config file (option names or PipelineConfig fields, e.g. a run's config.json) and the
-    flags (which win); check inputs; -> (PipelineConfig, train, tests, images, out)."""
+def _settings_options(only: tuple[str, ...] = ()):
+    """The settings options made from the config schema (``only``: just these)."""
+    from .cli_settings import setting_options
+    return [o for o in setting_options() if not only or o.dest in only]
+
+
+def _settings_tree(file: dict, given: dict, sets: list[str] | None) -> tuple[dict, set[str]]:
+    """The PipelineConfig keyword tree from a config file's keys, the options given (which win) and
+    the ``--set`` items (applied last); also the top-level keys the command line set."""
+    from .cli_settings import SettingsError, parse_value, resolve_set, set_in
+    from .pipeline import PipelineConfig
+
+    options = {o.dest: o for o in _settings_options()}
+    tree, cli = {}, set()
+    try:
+        for source, items in (("file", file), ("cli", given)):
+            for key, value in items.items():
+                if key in INPUTS or value is None:
+                    continue
+                o = options.get(key)
+                if o is not None and o.kind == "pairs":
+                    value = _pairs(value, o.flag if source == "cli" else key, f"NAME=VALUE, e.g. {o.flag} conv1=ROI_V1")
+                path = o.path if o is not None else (key,)
+                set_in(tree, path, parse_value(o, value) if o is not None else value)
+                if source == "cli":
+                    cli.add(path[0])
+        for item in sets or []:
+            path, value = resolve_set(PipelineConfig, item)
+            set_in(tree, path, value)
+            cli.add(path[0])
+    except SettingsError as e:
+        _fail(str(e))
+    return tree, cli
+
+
+def _make_config(tree: dict):
+    """PipelineConfig(**tree), or one line naming each wrong setting."""
     from pydantic import ValidationError
 
     from .pipeline import PipelineConfig
 
-    given = {k: v for k, v in given.items() if v is not None}
-    if given.get("test"):
-        given["test"] = _pairs(given["test"], "--test", "NAME=PATH, e.g. --test natural=test.h5")
-    if given.get("layer_roi"):
-        given["layer_roi"] = _pairs(given["layer_roi"], "--layer-roi", "LAYER=ROI, e.g. --layer-roi conv1=ROI_V1+ROI_V2")
-    opts = {**(_read_config(config) if config else {}), **given}
-    missing = [k for k in ("train", "test", "images", "out") if not opts.get(k)]
-    if missing:
-        _fail("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or as keys of the config file)")
-    opts = _check_inputs(opts, config, given)
-    fields = {k: v for k, v in opts.items() if k in PipelineConfig.model_fields}
-    recon = dict(fields.pop("recon", None) or {})
-    recon.update({k: opts[k] for k in ("iterations", "prior") if k in opts})
-    if "layer_roi" in opts:
-        fields["layer_rois"] = _pairs(opts["layer_roi"], "layer_roi", "LAYER: ROI")
-    if "no_true_features" in opts:
-        fields["true_feature_recon"] = not opts["no_true_features"]
-    if isinstance(fields.get("layers"), str):
-        fields["layers"] = [x.strip() for x in fields["layers"].split(",") if x.strip()]
-    if isinstance(fields.get("snapshots"), str):
-        fields["snapshots"] = _snapshot_list(fields["snapshots"])
-    if recon.get("prior") == "generator" and not fields.get("generator"):
-        fields["generator"] = "builtin"
+    if (tree.get("recon") or {}).get("prior") == "generator" and not tree.get("generator"):
+        tree["generator"] = "builtin"
     try:
-        cfg = PipelineConfig(**fields, recon=recon)
+        return PipelineConfig(**tree)
     except ValidationError as e:
         _fail(settings_message(e))
+
+
+def _run_setup(config: Optional[Path], inputs: dict, settings: dict):
+    """Merge the config file (option names or PipelineConfig fields, e.g. a run's config.json), the
+    options (which win) and ``--set``; check inputs; -> (PipelineConfig, train, tests, images, out)."""
+    settings = dict(settings)
+    sets = settings.pop("set_", None)
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    if inputs.get("test"):
+        inputs["test"] = _pairs(inputs["test"], "--test", "NAME=PATH, e.g. --test natural=test.h5")
+    file = _read_config(config) if config else {}
+    opts = {**{k: file[k] for k in INPUTS if k in file}, **inputs}
+    missing = [k for k in INPUTS if not opts.get(k)]
+    if missing:
+        _fail("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or as keys of the config file)")
+    tree, cli = _settings_tree(file, settings, sets)
+    opts = _check_inputs({**opts, **{k: tree[k] for k in ("network", "generator") if tree.get(k)}}, config,
+                         {k: True for k in cli})
+    tree.update({k: opts[k] for k in ("network", "generator") if k in opts})
+    cfg = _make_config(tree)
     tests = {k: Path(v) for k, v in opts["test"].items()}
     return cfg, Path(opts["train"]), tests, Path(opts["images"]), Path(opts["out"])
 
 
-def _snapshot_list(text: str) -> list[int]:
-    try:
-        return [] if text.strip().lower() == "none" else [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        _fail(f"--snapshots {text!r}: give comma-separated iterations, e.g. 0,10,50, or none")
-
-
-@app.command()
-def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any of the options below, or any "
-                                                         "setting of a run's config.json, as keys (options given "
-                                                         "on the command line win)"),
-        train: Optional[Path] = OPT["train"], test: Optional[list[str]] = OPT["test"],
-        images: Optional[Path] = OPT["images"], out: Optional[Path] = OPT["out"], roi: Optional[str] = OPT["roi"],
-        layer_roi: Optional[list[str]] = OPT["layer_roi"], image_size: Optional[int] = OPT["image_size"],
-        iterations: Optional[int] = OPT["iterations"], network: Optional[str] = OPT["network"],
-        prior: Optional[str] = OPT["prior"], generator: Optional[str] = OPT["generator"],
-        layers: Optional[str] = OPT["layers"], executor: Optional[str] = OPT["executor"],
-        decoder: Optional[str] = OPT["decoder"], alpha_per: Optional[str] = OPT["alpha_per"],
-        alpha_cv: Optional[str] = OPT["alpha_cv"], train_trials: Optional[str] = OPT["train_trials"],
-        unit_weighting: Optional[str] = OPT["unit_weighting"],
-        snapshots: Optional[str] = OPT["snapshots"],
-        seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"],
-        overwrite: bool = OPT["overwrite"]):
+@settings_command(app, _settings_options)
+def run(config: Optional[Path] = CONFIG_ARG,
+        train: Optional[Path] = INPUT_OPT["train"], test: Optional[list[str]] = INPUT_OPT["test"],
+        images: Optional[Path] = INPUT_OPT["images"], out: Optional[Path] = INPUT_OPT["out"],
+        overwrite: bool = INPUT_OPT["overwrite"], *, settings: dict):
     """Run the whole pipeline on BData files: decode, reconstruct, evaluate, report."""
-    given = {k: v for k, v in locals().items() if k not in ("config", "overwrite")}
     from .pipeline import run_pipeline
 
-    cfg, train_path, tests, images_dir, out_dir = _run_setup(config, given)
+    cfg, train_path, tests, images_dir, out_dir = _run_setup(
+        config, dict(train=train, test=test, images=images, out=out), settings)
     _run_guarded(lambda: run_pipeline(train_path, tests, images_dir, out_dir, cfg, overwrite=overwrite), out_dir)
 
 
 COMPARISONS = ("rois", "layers", "priors")
 
 
-@app.command()
+@settings_command(app, _settings_options)
 def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis (V1, V2, V3, V4, HVC, VC); "
                                               "layers: the layer-combination analysis (conv1, conv1-2, ... all); "
                                               "priors: every reconstruction prior on the same decoded features"),
             config: Optional[Path] = typer.Argument(None, help="YAML run config (as for brainrecon run)"),
             variants: Optional[str] = typer.Option(None, help="comma-separated ROIs or priors to compare "
                                                               "(default: all of the analysis)"),
-            train: Optional[Path] = OPT["train"], test: Optional[list[str]] = OPT["test"],
-            images: Optional[Path] = OPT["images"], out: Optional[Path] = OPT["out"], roi: Optional[str] = OPT["roi"],
-            layer_roi: Optional[list[str]] = OPT["layer_roi"], image_size: Optional[int] = OPT["image_size"],
-            iterations: Optional[int] = OPT["iterations"], network: Optional[str] = OPT["network"],
-            prior: Optional[str] = OPT["prior"], generator: Optional[str] = OPT["generator"],
-            layers: Optional[str] = OPT["layers"], executor: Optional[str] = OPT["executor"],
-        decoder: Optional[str] = OPT["decoder"], alpha_per: Optional[str] = OPT["alpha_per"],
-        alpha_cv: Optional[str] = OPT["alpha_cv"], train_trials: Optional[str] = OPT["train_trials"],
-        unit_weighting: Optional[str] = OPT["unit_weighting"],
-        snapshots: Optional[str] = OPT["snapshots"],
-            seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"],
-            overwrite: bool = OPT["overwrite"]):
+            train: Optional[Path] = INPUT_OPT["train"], test: Optional[list[str]] = INPUT_OPT["test"],
+            images: Optional[Path] = INPUT_OPT["images"], out: Optional[Path] = INPUT_OPT["out"],
+            overwrite: bool = INPUT_OPT["overwrite"], *, settings: dict):
     """Run variants of the pipeline on the same data and compare them in one report (out/report.html)."""
-    given = {k: v for k, v in locals().items() if k not in ("what", "config", "variants", "overwrite")}
     from . import analyses
     from .nets import load_network
     from .recon.config import PRIORS
 
     if what not in COMPARISONS:
         _fail(f"unknown comparison {what!r}: choose one of {', '.join(COMPARISONS)}")
-    cfg, train_path, tests, images_dir, out_dir = _run_setup(config, given)
+    cfg, train_path, tests, images_dir, out_dir = _run_setup(
+        config, dict(train=train, test=test, images=images, out=out), settings)
     chosen = [v.strip() for v in variants.split(",")] if variants else None
     if what == "rois":
         runs = _run_guarded(lambda: analyses.roi_variants(cfg, train_path, chosen))
@@ -317,33 +307,35 @@ def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis
                                                    overwrite=overwrite), out_dir)
 
 
-@app.command()
+DEMO_OPTIONS = ("image_size", "seed", "iterations", "prior")   # the settings demo takes (others with --set)
+
+
+@settings_command(app, lambda: _settings_options(DEMO_OPTIONS),
+                  defaults={"image_size": DEMO["image_size"], "seed": 0, "iterations": 200, "prior": DEMO_PRIOR})
 def demo(out: Path = typer.Option(Path("demo_out"), help="output folder"),
-         seed: int = typer.Option(0, help="random seed"),
-         image_size: int = typer.Option(DEMO["image_size"], help="network input size in pixels"),
          n_train: int = typer.Option(DEMO["n_train_images"], help="training images"),
          n_test_natural: int = typer.Option(DEMO["n_test_natural"], help="held-out natural test images"),
-         iterations: int = typer.Option(200, help="reconstruction iterations"),
-         prior: str = typer.Option(DEMO_PRIOR, help="reconstruction prior: gd, lbfgs, generator (built-in), fourier, dip"),
          compare_priors: bool = typer.Option(False, "--compare-priors",
                                              help="reconstruct with every prior on the same decoded features and "
-                                                  "compare them (about 5x the reconstruction time)")):
+                                                  "compare them (about 5x the reconstruction time)"),
+         *, settings: dict):
     """Simulate a subject, then decode, reconstruct and evaluate it: the whole method offline."""
     import time
 
     from pydantic import ValidationError
 
     from .nets import load_network
-    from .pipeline import Log, PipelineConfig, check_out_folder, run_pipeline
-    from .recon.icnn import ReconConfig
+    from .pipeline import Log, check_out_folder, run_pipeline
     from .simulate.cortex import CortexConfig
     from .simulate.subject import SubjectConfig, simulate_subject
 
-    try:    # every setting is checked before the simulation starts
+    # every setting is checked before the simulation starts
+    settings = dict(settings)
+    cfg = _make_config(_settings_tree({}, settings, settings.pop("set_", None))[0])
+    seed, prior = cfg.seed, cfg.recon.prior
+    try:
         sub_cfg = SubjectConfig(seed=seed, n_train_images=n_train, n_test_natural=n_test_natural,
                                 cortex=CortexConfig(seed=seed))
-        cfg = PipelineConfig(image_size=image_size, seed=seed, generator="builtin" if prior == "generator" else None,
-                             recon=ReconConfig(iterations=iterations, seed=seed, prior=prior))
     except ValidationError as e:
         _fail(settings_message(e))
     _run_guarded(lambda: check_out_folder(out))

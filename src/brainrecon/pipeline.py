@@ -26,11 +26,12 @@ from .data.stimuli import StimulusError, StimulusSet, load_stimulus_set, png_byt
 from .decode.decoder import DecodedFeatures, DecoderConfig, FeatureDecoder, load_decoded, save_decoded
 from .decode.decoder import roi_for_layer as _roi_for_layer
 from .decode.rescale import rescale_decoded
-from .evaluate.decoding import decoding_accuracy
+from .evaluate.decoding import DecodingScores, decoding_accuracy
 from .evaluate.reliability import retest_reliability
 from .evaluate.scores import evaluate
 from .nets import load_network
 from .nets.features import extract_features
+from .recon.config import SUBMODELS
 from .recon.icnn import Reconstruction, ReconConfig, reconstruct_decoded
 from .runfolder import RunFolder, RunFolderError
 
@@ -47,16 +48,25 @@ class PipelineConfig(DecoderConfig):
     """Everything that decides a run's result: the decoding settings (:class:`DecoderConfig`), the
     network, the reconstruction (:class:`ReconConfig`) and its evaluation. One seed: ``seed`` also
     seeds the reconstruction. Unknown fields and out-of-range values are refused."""
-    network: str = "hed-vgg16"
-    image_size: int = Field(224, ge=MIN_IMAGE_SIZE)
-    roi: str = "ROI_VC"
-    recon_layers: list[str] | None = None    # layers whose features the reconstruction matches; None: all decoded
-    unit_weighting: Literal["reliability", "none"] = "reliability"  # reconstruction loss per unit: its cross-validated decoding R^2, or equal
-    recon: ReconConfig = ReconConfig()
-    generator: str | None = None             # for recon.prior "generator": "builtin" or "relu7:PATH"
-    rescale: bool = False                    # rescale decoded features to the true features SD (paper); off: measured better here
-    true_feature_recon: bool = True          # also reconstruct from the true features (upper bound)
-    snapshots: list[int] | None = None       # iterations whose images are kept (from decoded features); None: 0, 5%, 12.5%, 25%, 50%
+    network: str = Field("hed-vgg16", description="hed-vgg16, vgg19-caffe:PATH or vgg19-torchvision:PATH")
+    image_size: int = Field(224, ge=MIN_IMAGE_SIZE, description="network input size in pixels")
+    roi: str = Field("ROI_VC", description="ROI name or union, e.g. ROI_VC or ROI_V1+ROI_V2")
+    recon_layers: list[str] | None = Field(None, description="comma-separated layers whose features the "
+                                                             "reconstruction matches (default: all decoded)")
+    unit_weighting: Literal["reliability", "none"] = Field(
+        "reliability", description="reconstruction loss per unit: reliability (each unit weighted by its "
+                                   "cross-validated decoding R^2, layers up to 200,000 units, feature cache on disk) "
+                                   "or none (all units equal, as in the paper)")
+    recon: ReconConfig = Field(ReconConfig(), description="reconstruction settings (brainrecon.ReconConfig)")
+    generator: str | None = Field(None, description="generator for --prior generator: builtin (default) or "
+                                                    "relu7:PATH to the lab's generator_relu7.pt")
+    rescale: bool = Field(False, description="rescale decoded features to the true features' SD (paper; off: "
+                                             "measured better here)")
+    true_feature_recon: bool = Field(True, description="also reconstruct from the true features (upper bound); "
+                                                       "--no-true-features skips them")
+    snapshots: list[int] | None = Field(None, description="comma-separated iterations whose images are kept and "
+                                                          "shown in the report (default: 0 and 5, 12.5, 25, 50% of "
+                                                          "the iterations; 'none' for none)")
 
     @model_validator(mode="after")
     def _one_seed(self) -> "PipelineConfig":
@@ -95,7 +105,8 @@ class PipelineConfig(DecoderConfig):
         if not decoding_only and self.recon.prior != "generator":
             fields -= {"generator"}
         ident = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, inputs) if p.exists()]
-        text = self.model_dump_json(include=fields) + json.dumps(ident) + images
+        recon = "" if decoding_only else self.recon.result_json()   # the chosen prior's settings only
+        text = self.model_dump_json(include=fields - {"recon"}) + recon + json.dumps(ident) + images
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -302,8 +313,9 @@ def decode_sets(train: FmriData, train_images: StimulusSet, sets: list[TestSet],
     return decoded
 
 
-def feature_accuracy(decoded: DecodedFeatures, true: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Per layer: profile and pattern correlation and feature identification of decoded against true features."""
+def feature_accuracy(decoded: DecodedFeatures, true: dict[str, np.ndarray]) -> dict[str, DecodingScores]:
+    """Per layer: profile and pattern correlation and feature identification of decoded against true
+    features ``true`` {layer: (n, *unit_shape)}."""
     out = {}
     for layer, d in decoded.features.items():
         t = true[layer].reshape(len(d), -1)
@@ -348,7 +360,9 @@ def reconstruct_set(s: TestSet, kind: str, features: DecodedFeatures, models: Ru
 def _describe(config: PipelineConfig, train_path: Path, tests: dict[str, Path], images_dir: Path) -> dict:
     """The settings and inputs of a run, flat, to say what differs from an earlier run in the same folder."""
     flat = {k: v for k, v in config.model_dump(exclude={"recon"} | EXECUTION).items()}
-    flat.update({f"recon.{k}": v for k, v in config.recon.model_dump().items()})
+    for k, v in json.loads(config.recon.result_json()).items():   # the chosen prior's settings, one key each
+        sub = k in SUBMODELS
+        flat.update({f"recon.{k}.{kk}": vv for kk, vv in v.items()} if sub else {f"recon.{k}": v})
     flat.update(train=str(train_path), images=str(images_dir), **{f"test {k}": str(v) for k, v in tests.items()})
     return json.loads(json.dumps(flat, default=str))
 
@@ -412,7 +426,7 @@ def _run_set(s: TestSet, d: DecodedFeatures, models: RunModels, config: Pipeline
     """Reconstruct and score one test set: (its metrics.json entry, what the report shows of it)."""
     true = extract_features(models.network, s.images, models.layers)
     accuracy = feature_accuracy(d, true)
-    log(f"  profile r '{s.name}': " + ", ".join(f"{k} {v['profile_correlation']:.3f}" for k, v in accuracy.items()))
+    log(f"  profile r '{s.name}': " + ", ".join(f"{k} {v.profile_correlation:.3f}" for k, v in accuracy.items()))
     if config.rescale:
         d = replace(d, features={k: rescale_decoded(v, d.train_mean[k].reshape(v.shape[1:]), d.channel_sd[k])
                                  for k, v in d.features.items()})
@@ -431,11 +445,11 @@ def _run_set(s: TestSet, d: DecodedFeatures, models: RunModels, config: Pipeline
     return entry, (s.labels, s.images, shown)
 
 
-def set_metrics(s: TestSet, recs: dict[str, Reconstruction], accuracy: dict[str, dict]) -> dict:
+def set_metrics(s: TestSet, recs: dict[str, Reconstruction], accuracy: dict[str, DecodingScores]) -> dict:
     """metrics.json's entry of one test set."""
     scores = evaluate(recs["decoded"].images, s.images)
     entry = {**scores.summary(), "n_images": len(s.labels), "n_presentations": s.n_presentations,
-             "feature_decoding": accuracy,
+             "feature_decoding": {layer: a.to_json() for layer, a in accuracy.items()},
              "per_image_pixel_identification": dict(zip(s.labels, map(float, scores.per_image_identification))),
              "test_retest_median_r": reliability_by_roi(s.path, s.fmri)}
     if "true" in recs:

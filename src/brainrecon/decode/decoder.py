@@ -34,26 +34,48 @@ class DecoderConfig(BaseModel):
     """Settings of feature decoding (shared by :class:`FeatureDecoder`, ``PipelineConfig`` and the CLI)."""
     model_config = ConfigDict(extra="forbid")
 
-    layers: list[str] | None = None          # decoded layers; None: every layer of the network
-    layer_rois: dict[str, str] = {}          # layer name or prefix -> ROI decoding it, e.g. {"conv1": "ROI_V1+ROI_V2+ROI_V3"}
-    decoder: Literal["kernel", "selection"] = "kernel"  # "kernel": all-voxel kernel ridge, penalty by CV; "selection": FastL2LiR
-    alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist(), min_length=1)
-    alpha_sample_units: int = Field(256, ge=1)  # units per layer used to choose its penalty
-    alpha_per: Literal["layer", "unit"] = "layer"  # kernel ridge penalty: "layer" (CV on a unit sample) or "unit" (each unit's own)
-    alpha_cv: Literal["averaged", "single"] = "averaged"  # layer penalty scored for each test set's trial-averaged inputs, or single trials
-    train_trials: Literal["averaged", "single"] = "averaged"  # kernel decoder fit on each training image's mean presentation, or on every presentation (paper)
-    unit_alpha_max_units: int = Field(200_000, ge=0)  # alpha_per "unit": larger layers keep one penalty (cost 2 n_images^2 flops per unit and penalty)
-    unit_alpha_span: float = Field(30.0, ge=1.0)      # alpha_per "unit": penalties searched within this factor of the layer's
-    unit_weight_max_units: int = Field(200_000, ge=0)  # per-unit R^2 for layers up to this size (cost 2 n_images^2 flops per unit); larger: none
-    selection_alpha: float = Field(100.0, gt=0)  # penalty of the voxel-selection decoder (the lab's default)
-    selection_voxels: int = Field(500, ge=1)     # voxels per unit of the voxel-selection decoder (the lab's default)
-    feature_store: Literal["auto", "disk", "stream"] = "auto"  # training features: "disk" (HDF5 cache), "stream" (never stored), "auto"
-    feature_cache_gb: float = Field(8.0, gt=0)  # "auto" streams when the cache would be larger than this
-    batch_size: int = Field(16, ge=1)        # images per forward pass when extracting features
-    chunk_units: int = Field(65536, ge=1)    # units per decoding task (cached features)
-    executor: str = "local"                  # decoding tasks: local, processes:N, dask, dask:ADDRESS, dask-jobqueue:CLASS
-    executor_options: dict = {}              # keyword arguments of the Dask cluster
-    seed: int = Field(0, ge=0)
+    layers: list[str] | None = Field(None, description=(
+        "comma-separated layers to decode (default: all of the network)"))
+    layer_rois: dict[str, str] = Field({}, description=(
+        "LAYER=ROI: decode a layer (or all layers of a prefix such as conv1) from another ROI, e.g. "
+        "conv1=ROI_V1+ROI_V2+ROI_V3 (repeatable)"))
+    decoder: Literal["kernel", "selection"] = Field("kernel", description=(
+        "kernel (all-voxel ridge, penalty by cross-validation) or selection (the lab's FastL2LiR: top 500 "
+        "voxels per unit, alpha 100)"))
+    alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist(), min_length=1, description=(
+        "comma-separated ridge penalties searched by cross-validation"))
+    alpha_sample_units: int = Field(256, ge=1, description="units per layer used to choose its penalty")
+    alpha_per: Literal["layer", "unit"] = Field("layer", description=(
+        "kernel ridge penalty: layer (one per layer, by cross-validation on a sample of its units) or unit "
+        "(each unit its own, for layers up to unit_alpha_max_units units; needs the feature cache on disk)"))
+    alpha_cv: Literal["averaged", "single"] = Field("averaged", description=(
+        "what the layer's ridge penalty is cross-validated for: averaged (inputs averaged over as many "
+        "presentations as each test set has, so each test set gets its own penalty) or single (single "
+        "presentations)"))
+    train_trials: Literal["averaged", "single"] = Field("averaged", description=(
+        "what the kernel decoder is fit on: averaged (each training image's mean presentation) or single "
+        "(every presentation, as in the paper)"))
+    unit_alpha_max_units: int = Field(200_000, ge=0, description=(
+        "alpha_per unit: larger layers keep one penalty (cost 2 n_images^2 flops per unit and penalty)"))
+    unit_alpha_span: float = Field(30.0, ge=1.0, description=(
+        "alpha_per unit: penalties searched within this factor of the layer's"))
+    unit_weight_max_units: int = Field(200_000, ge=0, description=(
+        "per-unit R^2 for layers up to this size (cost 2 n_images^2 flops per unit); larger: none"))
+    selection_alpha: float = Field(100.0, gt=0, description=(
+        "penalty of the voxel-selection decoder (the lab's default)"))
+    selection_voxels: int = Field(500, ge=1, description=(
+        "voxels per unit of the voxel-selection decoder (the lab's default)"))
+    feature_store: Literal["auto", "disk", "stream"] = Field("auto", description=(
+        "training features: disk (HDF5 cache), stream (never stored), auto (stream when the cache would "
+        "exceed feature_cache_gb)"))
+    feature_cache_gb: float = Field(8.0, gt=0, description=(
+        "auto streams when the feature cache would be larger than this"))
+    batch_size: int = Field(16, ge=1, description="images per forward pass when extracting features")
+    chunk_units: int = Field(65536, ge=1, description="units per decoding task (cached features)")
+    executor: str = Field("local", description=(
+        "decoding tasks: local, processes:N, dask, dask:ADDRESS, dask-jobqueue:CLASS"))
+    executor_options: dict = Field({}, description="keyword arguments of the Dask cluster")
+    seed: int = Field(0, ge=0, description="random seed (decoding and reconstruction)")
 
     @field_validator("alphas")
     @classmethod

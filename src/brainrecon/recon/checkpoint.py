@@ -32,10 +32,10 @@ def _update(h, t: torch.Tensor) -> None:
 
 def fingerprint(cfg: ReconConfig, size: int, modules: list[torch.nn.Module],
                 tensors: dict[str, torch.Tensor] | None = None) -> str:
-    """Digest of the settings (not ``device`` or ``checkpoint_every``), size, module tensors (weights,
+    """Digest of the settings that decide the result (:meth:`ReconConfig.result_json`), size, module tensors (weights,
     buffers) and other named tensors of the problem (e.g. the loss's unit weights)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(cfg.model_dump_json(exclude={"device", "checkpoint_every"}).encode())
+    h.update(cfg.result_json().encode())
     h.update(str(size).encode())
     for m in modules:
         for v in list(m.parameters()) + list(m.buffers()):

@@ -1,12 +1,12 @@
 """Deep image prior (``prior="dip"``): an untrained convolutional decoder per image, its weights optimised.
 
 Each image gets its own decoder (independent weights, run for the whole batch at once as grouped
-convolutions) from a fixed uniform-noise input (n, dip_input_channels, size / 2**levels, ...):
+convolutions) from a fixed uniform-noise input (n, dip.input_channels, size / 2**levels, ...):
 ``levels`` stages of [3x3 conv, instance norm, LeakyReLU(0.2), bilinear 2x upsampling], then a
 3x3 conv block at full size and a 1x1 conv to RGB through a sigmoid. The convolutional structure
 favours natural-image statistics over the adversarial high-frequency patterns that match features.
-Weights are optimised with Adam (``dip_lr``); ``dip_input_noise`` adds fresh noise to the input
-each step; ``dip_augment`` feeds randomly shifted / scaled / rotated images to the network.
+Weights are optimised with Adam (``dip.lr``); ``dip.input_noise`` adds fresh noise to the input
+each step; ``dip.augment`` feeds randomly shifted / scaled / rotated images to the network.
 """
 from __future__ import annotations
 
@@ -69,12 +69,12 @@ class DIPAdam(Prior):
 
     def __init__(self, loss, size, cfg, streams, device):
         super().__init__(loss, size, cfg, streams, device)
-        self.net = DeepImagePrior(self.n, size, streams.cpu, cfg.dip_channels, cfg.dip_levels,
-                                  cfg.dip_input_channels).to(device)
-        self.optimiser = torch.optim.Adam(self.net.parameters(), lr=cfg.dip_lr)
-        r = size / cfg.blur_reference_size
-        self.augment = (RandomAffine(streams.device, cfg.augment_jitter * r, cfg.augment_scale, cfg.augment_rotate)
-                        if cfg.dip_augment else None)
+        self.net = DeepImagePrior(self.n, size, streams.cpu, cfg.dip.channels, cfg.dip.levels,
+                                  cfg.dip.input_channels).to(device)
+        self.optimiser = torch.optim.Adam(self.net.parameters(), lr=cfg.dip.lr)
+        r = size / cfg.reference_size
+        self.augment = (RandomAffine(streams.device, cfg.augment.jitter * r, cfg.augment.scale, cfg.augment.rotate)
+                        if cfg.dip.augment else None)
 
     def images(self) -> torch.Tensor:
         with torch.inference_mode():
@@ -82,7 +82,7 @@ class DIPAdam(Prior):
 
     def step(self, it: int) -> None:
         self.optimiser.zero_grad(set_to_none=True)
-        x = self.net(self.cfg.dip_input_noise, self.streams.device)
+        x = self.net(self.cfg.dip.input_noise, self.streams.device)
         if self.augment is not None:
             x = self.augment(x)
         self.loss(x).sum().backward()

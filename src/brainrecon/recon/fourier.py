@@ -53,11 +53,11 @@ class FourierAdam(Prior):
 
     def __init__(self, loss, size, cfg, streams, device):
         super().__init__(loss, size, cfg, streams, device)
-        self.image = FourierImage(self.n, size, streams.cpu, cfg.fourier_init_std, cfg.fourier_decay_power,
-                                  cfg.fourier_decorrelate, cfg.fourier_sigmoid).to(device)
-        self.optimiser = torch.optim.Adam(self.image.parameters(), lr=cfg.fourier_lr)
-        r = size / cfg.blur_reference_size
-        self.augment = RandomAffine(streams.device, cfg.augment_jitter * r, cfg.augment_scale, cfg.augment_rotate)
+        self.image = FourierImage(self.n, size, streams.cpu, cfg.fourier.init_std, cfg.fourier.decay_power,
+                                  cfg.fourier.decorrelate, cfg.fourier.sigmoid).to(device)
+        self.optimiser = torch.optim.Adam(self.image.parameters(), lr=cfg.fourier.lr)
+        r = size / cfg.reference_size
+        self.augment = RandomAffine(streams.device, cfg.augment.jitter * r, cfg.augment.scale, cfg.augment.rotate)
 
     def images(self) -> torch.Tensor:
         with torch.inference_mode():

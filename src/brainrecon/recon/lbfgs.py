@@ -4,7 +4,7 @@ The batch's pixels (RGB, 0-255) form one vector of n*3*size*size bounded variabl
 mean colour; scipy drives the optimisation, torch computes the summed loss and its gradient (float64
 at the scipy boundary: one host copy of the image and the gradient per evaluation). One iteration
 may take several evaluations (line search): ``evaluations`` counts them, capped by
-``lbfgs_max_evals``. Convergence tolerances are zero, so it runs ``iterations`` iterations unless the
+``lbfgs.max_evals``. Convergence tolerances are zero, so it runs ``iterations`` iterations unless the
 line search fails. A resumed run restarts the optimiser (its curvature memory is not saved) from
 the saved image, for the remaining iterations.
 """
@@ -50,9 +50,9 @@ class PixelLBFGS(Prior):
             done += 1
             on_iteration(done)
 
-        max_evals = self.cfg.lbfgs_max_evals or 4 * remaining + 20
+        max_evals = self.cfg.lbfgs.max_evals or 4 * remaining + 20
         res = minimize(self._fun, self.x.numpy().ravel(), jac=True, method="L-BFGS-B", bounds=Bounds(0.0, 255.0),
                        callback=callback, options={"maxiter": remaining, "maxfun": max_evals,
-                                                   "maxcor": self.cfg.lbfgs_memory, "ftol": 0.0, "gtol": 0.0})
+                                                   "maxcor": self.cfg.lbfgs.memory, "ftol": 0.0, "gtol": 0.0})
         self.x = torch.from_numpy(res.x.copy()).view(self.x.shape)
         self.result = res

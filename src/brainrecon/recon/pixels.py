@@ -20,18 +20,16 @@ class PixelGD(Prior):
         super().__init__(loss, size, cfg, streams, device)
         self.mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1).to(device)
         shape = (self.n, 3, size, size)
-        if cfg.init == "noise":
+        if cfg.gd.init == "noise":
             x = torch.rand(*shape, generator=streams.cpu) * 255 - self.mean.cpu()
-        elif cfg.init == "mean":
+        else:                                  # "mean": the mean colour
             x = torch.zeros(shape)
-        else:
-            raise ValueError(f"init must be 'noise' or 'mean', not {cfg.init!r}")
         self.x = x.to(device)                  # (n, 3, size, size), 0-255 minus the mean colour
         self.delta = torch.zeros_like(self.x)  # momentum buffer
-        self.lrs = linear_schedule(cfg.lr_start, cfg.lr_end, cfg.iterations)
-        self.decays = linear_schedule(cfg.decay_start, cfg.decay_end, cfg.iterations)
-        scale = size / cfg.blur_reference_size
-        self.blurs = linear_schedule(cfg.blur_start * scale, cfg.blur_end * scale, cfg.iterations)
+        self.lrs = linear_schedule(cfg.gd.lr_start, cfg.gd.lr_end, cfg.iterations)
+        self.decays = linear_schedule(cfg.gd.decay_start, cfg.gd.decay_end, cfg.iterations)
+        scale = size / cfg.reference_size
+        self.blurs = linear_schedule(cfg.gd.blur_start * scale, cfg.gd.blur_end * scale, cfg.iterations)
 
     def images(self) -> torch.Tensor:
         return (self.x + self.mean) / 255.0
@@ -43,9 +41,9 @@ class PixelGD(Prior):
         with torch.no_grad():
             x = x.detach()
             grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12)
-            self.delta = cfg.momentum * self.delta + self.lrs[it] * grad
+            self.delta = cfg.gd.momentum * self.delta + self.lrs[it] * grad
             x = (1 - self.decays[it]) * (x - self.delta)
             x = gaussian_blur(x, float(self.blurs[it]))
-            if cfg.chroma_blur > 0:
-                x = blur_chroma(x, cfg.chroma_blur)
+            if cfg.gd.chroma_blur > 0:
+                x = blur_chroma(x, cfg.gd.chroma_blur)
             self.x = torch.maximum(torch.minimum(x, 255 - mean), -mean)
