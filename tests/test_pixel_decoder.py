@@ -68,3 +68,27 @@ def test_loo_penalty_choice_matches_brute_force_refits(reps, averaged):
     np.testing.assert_allclose(dec.cv_scores_["ROI_VC"][0], expected, atol=1e-4)
     assert dec.choice().alpha == alphas[np.argmax(expected)]
     assert 0 < np.argmax(expected) < len(alphas) - 1 and expected.max() > 0.1   # a real choice, not an edge
+
+
+def test_pipeline_reports_the_baseline(small_subject, tmp_path):
+    from brainrecon.pipeline import Log, PipelineConfig, baseline_rois, run_pipeline
+    from brainrecon.recon.icnn import ReconConfig
+
+    subject, paths = small_subject
+    tests = {k: v for k, v in paths.items() if k != "train"}
+    cfg = PipelineConfig(image_size=32, layers=["conv1_1", "conv2_1"], true_feature_recon=False,
+                         recon=ReconConfig(iterations=3), snapshots=[])
+    out = tmp_path / "run"
+    metrics = run_pipeline(paths["train"], tests, subject / "images", out, cfg, log=Log(quiet=True))
+    candidates = baseline_rois(paths["train"], "ROI_VC")
+    assert candidates[0] == "ROI_VC" and "ROI_V1+ROI_V2+ROI_V3" in candidates and "ROI_PPA" in candidates
+    for m in metrics.values():
+        assert m["baseline_roi"] in candidates and m["baseline_alpha"] in cfg.alphas
+        assert 0.0 <= m["baseline_pixel_identification"] <= 1.0 and -1 <= m["baseline_ssim"] <= 1
+    # the shapes' colours are in the voxels: the linear readout finds them
+    assert metrics["shapes"]["baseline_pixel_identification"] > 0.7
+    assert metrics["shapes"]["baseline_pixel_correlation"] > 0.2
+    html = (out / "report.html").read_text()
+    assert html.count(">pixel decoder<") == 1 + 4 + 1 and "pixel decoder: identification" in html
+    again = run_pipeline(paths["train"], tests, subject / "images", out, cfg, log=Log(quiet=True))
+    assert again["letters"]["baseline_pixel_identification"] == metrics["letters"]["baseline_pixel_identification"]

@@ -25,6 +25,7 @@ from .data.bdata import FmriData, check_rois, read_fmri, roi_keys
 from .data.stimuli import StimulusError, StimulusSet, load_stimulus_set, png_bytes
 from .decode.decoder import DecodedFeatures, DecoderConfig, FeatureDecoder, load_decoded, save_decoded
 from .decode.decoder import roi_for_layer as _roi_for_layer
+from .decode.pixels import PixelChoice, PixelDecoder
 from .decode.rescale import rescale_decoded
 from .evaluate.decoding import decoding_accuracy
 from .evaluate.reliability import retest_reliability
@@ -57,6 +58,7 @@ class PipelineConfig(DecoderConfig):
     rescale: bool = False                    # rescale decoded features to the true features SD (paper); off: measured better here
     true_feature_recon: bool = True          # also reconstruct from the true features (upper bound)
     snapshots: list[int] | None = None       # iterations whose images are kept (from decoded features); None: 0, 5%, 12.5%, 25%, 50%
+    pixel_baseline: bool = True              # also score a linear pixel decoder (voxels -> 16x16 image; decode/pixels.py)
 
     @model_validator(mode="after")
     def _one_seed(self) -> "PipelineConfig":
@@ -387,10 +389,16 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
 
     dcache = cache_root / f"decoded-{config.digest([train_path, *tests.values()], True, identity)}"
     decoded = decode_sets(train, train_images, sets, models, config, cache_root, dcache, log)
+    baselines = pixel_baselines(train_path, image_index, train_images, sets, config, cache, log) \
+        if config.pixel_baseline else {}
     metrics, shown = {}, {}
     for s in sets:
         metrics[s.name], shown[s.name] = _run_set(s, decoded[s.name], models, config, cache, folder, log,
                                                   first=s is sets[0])
+        if s.name in baselines:
+            images, choice = baselines[s.name]
+            metrics[s.name].update(baseline_metrics(images, choice, s))
+            shown[s.name][2]["pixel decoder"] = images
     log.stage("")
     write_json(folder.metrics, metrics)
     run_info = {"brainrecon": __version__, "config_digest": digest, "train": str(train_path),
@@ -429,6 +437,53 @@ def _run_set(s: TestSet, d: DecodedFeatures, models: RunModels, config: Pipeline
     if recs["decoded"].snapshots:
         shown["snapshots"] = recs["decoded"].snapshots
     return entry, (s.labels, s.images, shown)
+
+
+def baseline_rois(path: Path, roi: str) -> list[str]:
+    """Candidate ROIs of the pixel decoder: the analysed ROI, every ROI of the file, and V1+V2+V3
+    when the file has those areas."""
+    keys = roi_keys(path)
+    early = [k for k in ("ROI_V1", "ROI_V2", "ROI_V3") if k in keys]
+    union = ["+".join(early)] if len(early) == 3 else []
+    return list(dict.fromkeys([roi, *keys, *union]))
+
+
+def pixel_baselines(train_path: Path, image_index: np.ndarray, train_images: StimulusSet, sets: list[TestSet],
+                    config: PipelineConfig, cache: Path, log: Log) -> dict[str, tuple[np.ndarray, PixelChoice]]:
+    """The linear pixel decoder's predictions of every test set, (n, 3, S, S) at the image size, and
+    what cross-validation chose for it (ROI, penalty), reused from ``cache`` when finished."""
+    log.stage("pixel-decoder baseline")
+    out = {}
+    for s in sets:
+        npy, info = cache / f"baseline_{s.name}.npy", cache / f"baseline_{s.name}.json"
+        images = load_or_none(npy, load_npy, log) if info.exists() else None
+        if images is not None and images.shape == s.images.shape:
+            out[s.name] = (images, PixelChoice(**json.loads(info.read_text())))
+    todo = [s for s in sets if s.name not in out]
+    if not todo:
+        log("  reused the pixel decoder's predictions")
+        return out
+    rois = baseline_rois(train_path, config.roi)
+    X = {roi: read_fmri(train_path, roi).X for roi in rois}
+    reps = sorted({s.n_presentations for s in todo})
+    decoder = PixelDecoder(alphas=np.asarray(config.alphas)).fit(X, image_index, train_images.images, reps)
+    for s in todo:
+        choice = decoder.choice(s.n_presentations)
+        Xt, labels = read_fmri(s.path, choice.roi).average_by_label()
+        Xt = Xt[[labels.index(lab) for lab in s.labels]]
+        images = decoder.predict_images(Xt, config.image_size, s.n_presentations)
+        save_npy(npy := cache / f"baseline_{s.name}.npy", images)
+        write_json(cache / f"baseline_{s.name}.json", choice.to_json())
+        log(f"  '{s.name}': {choice.roi}, alpha {choice.alpha:g} (leave-one-image-out R^2 {choice.cv_r2:.3f}) -> {npy.name}")
+        out[s.name] = (images, choice)
+    return out
+
+
+def baseline_metrics(images: np.ndarray, choice: PixelChoice, s: TestSet) -> dict:
+    """metrics.json keys of the pixel decoder on one test set (``baseline_*``)."""
+    scores = evaluate(images, s.images).summary()
+    return {**{f"baseline_{k}": v for k, v in scores.items()}, "baseline_roi": choice.roi,
+            "baseline_alpha": choice.alpha, "baseline_cv_r2": choice.cv_r2}
 
 
 def set_metrics(s: TestSet, recs: dict[str, Reconstruction], accuracy: dict[str, dict]) -> dict:
