@@ -81,7 +81,7 @@ def test_pipeline_reports_the_baseline(small_subject, tmp_path):
     out = tmp_path / "run"
     metrics = run_pipeline(paths["train"], tests, subject / "images", out, cfg, log=Log(quiet=True))
     candidates = baseline_rois(paths["train"], "ROI_VC")
-    assert candidates[0] == "ROI_VC" and "ROI_V1+ROI_V2+ROI_V3" in candidates and "ROI_PPA" in candidates
+    assert candidates == ["ROI_VC", "ROI_V1+ROI_V2+ROI_V3", "ROI_hV4+ROI_LOC+ROI_FFA+ROI_PPA"]
     for m in metrics.values():
         assert m["baseline_roi"] in candidates and m["baseline_alpha"] in cfg.alphas
         assert 0.0 <= m["baseline_pixel_identification"] <= 1.0 and -1 <= m["baseline_ssim"] <= 1

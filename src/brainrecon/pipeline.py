@@ -440,12 +440,20 @@ def _run_set(s: TestSet, d: DecodedFeatures, models: RunModels, config: Pipeline
 
 
 def baseline_rois(path: Path, roi: str) -> list[str]:
-    """Candidate ROIs of the pixel decoder: the analysed ROI, every ROI of the file, and V1+V2+V3
-    when the file has those areas."""
+    """Candidate ROIs of the pixel decoder: the analysed ROI, the early areas (ROI_LVC, else the union
+    of V1, V2, V3) and the higher ones (ROI_HVC, else the union of hV4/V4, LOC, FFA, PPA), each where
+    the file has it. (Each candidate costs one kernel ridge fit and its cross-validation.)"""
     keys = roi_keys(path)
-    early = [k for k in ("ROI_V1", "ROI_V2", "ROI_V3") if k in keys]
-    union = ["+".join(early)] if len(early) == 3 else []
-    return list(dict.fromkeys([roi, *keys, *union]))
+
+    def union(names: tuple[str, ...], whole: str) -> list[str]:
+        if whole in keys:
+            return [whole]
+        present = [k for k in names if k in keys]
+        return ["+".join(present)] if len(present) >= 2 else []
+
+    early = union(("ROI_V1", "ROI_V2", "ROI_V3"), "ROI_LVC")
+    higher = union(("ROI_hV4", "ROI_V4", "ROI_LOC", "ROI_FFA", "ROI_PPA"), "ROI_HVC")
+    return list(dict.fromkeys([roi, *early, *higher]))
 
 
 def pixel_baselines(train_path: Path, image_index: np.ndarray, train_images: StimulusSet, sets: list[TestSet],
