@@ -81,3 +81,12 @@ def test_roi_response_is_the_signal_of_that_area():
         np.testing.assert_allclose(cortex.roi_response(images[:5], roi), full[:5, cortex.roi_index(roi)], atol=1e-5)
     with pytest.raises(KeyError, match="areas are"):
         cortex.roi_response(images, "V9")
+
+
+def test_cli_model_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from brainrecon.cli import app
+    result = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "s"), "--model", "gabor"])
+    assert result.exit_code == 2 and "--model 'gabor'" in result.output and "'dn-stats'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "s").exists()
