@@ -100,31 +100,36 @@ def run_cell(subject_dir: Path, run_dir: Path, cache: Path, config: PipelineConf
 
 
 def markdown(cells: list[dict], args, names: list[str], subjects: list[str]) -> str:
-    """The table: one row per cell name and test set, pixel identification per subject and their mean."""
+    """The table: one row per cell and test set; pixel identification per subject (the pixel decoder's
+    in brackets) and the means over subjects."""
     by = {(c["subject"], c["variant"]): c for c in cells}
     head = (f"Settings: {args.image_size} px, {args.iterations} iterations, reconstruction from decoded features only; "
             f"subjects {', '.join(subjects)} ({'model default' if not args.n_train else args.n_train} training images, "
             f"voxels x {args.voxel_scale:g}, {args.n_test_natural} natural test images); sets {', '.join(args.sets)}; "
-            f"default decoder {args.default_decoder}, default prior {args.default_prior}. Machine: {cpu_name()}.\n\n")
-    cols = " | ".join(subjects)
-    lines = [f"| cell | test set | {cols} | mean | pixel decoder (mean) | seconds per run (mean) |",
+            f"default decoder {args.default_decoder}, default prior {args.default_prior}. Machine: {cpu_name()}. "
+            "Pixel identification from fMRI, the pixel decoder's in brackets.\n\n")
+    lines = [f"| cell | test set | {' | '.join(subjects)} | mean | pixel decoder (mean) | seconds per run (mean) |",
              "|---|---|" + "---|" * (len(subjects) + 3)]
     for name in names:
+        kind, _, value = name.partition(" ")
+        label = (f"decoder {value} (prior {args.default_prior})" if kind == "decoder"
+                 else f"prior {value} (decoder {args.default_decoder})")
         for s in args.sets:
             vals, base, secs = [], [], []
             for subj in subjects:
                 c = by.get((subj, name))
                 m = c["sets"].get(s) if c else None
-                vals.append(None if m is None else m["pixel_identification"])
+                vals.append(None if m is None else (m["pixel_identification"],
+                                                    m.get("baseline_pixel_identification", np.nan)))
                 if m is not None:
-                    base.append(m.get("baseline_pixel_identification", np.nan))
+                    base.append(vals[-1][1])
                     secs.append(c["seconds"])
-            if all(v is None for v in vals):
+            done = [v[0] for v in vals if v is not None]
+            if not done:
                 continue
-            shown = " | ".join("-" if v is None else f"{v:.1%}" for v in vals)
-            done = [v for v in vals if v is not None]
+            shown = " | ".join("-" if v is None else f"{v[0]:.1%} ({v[1]:.1%})" for v in vals)
             mean = f"{np.mean(done):.1%}" + ("" if len(done) == len(vals) else f" ({len(done)} of {len(vals)})")
-            lines.append(f"| {name} | {s} | {shown} | **{mean}** | {np.nanmean(base):.1%} | {np.mean(secs):.0f} |")
+            lines.append(f"| {label} | {s} | {shown} | **{mean}** | {np.nanmean(base):.1%} | {np.mean(secs):.0f} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -181,7 +186,7 @@ def main() -> None:
     print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
-                                                  for k, v in vars(args).items()},
+                                                  for k, v in vars(args).items() if k not in ("work", "json")},
                                      "cells": cells}, indent=1))
     if args.write:
         doc = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
