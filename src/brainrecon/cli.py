@@ -93,11 +93,16 @@ def settings_message(error) -> str:
 @app.command()
 def simulate(out: Path = typer.Option(..., help="folder to write the subject to"),
              seed: int = typer.Option(0, help="random seed (subject and stimuli)"),
-             n_train: int = typer.Option(1200, help="training images"),
-             n_test_natural: int = typer.Option(50, help="held-out natural test images")):
+             n_train: Optional[int] = typer.Option(None, help="training images (default: the model's, "
+                                                             "css-vgg 1200, dn-stats 600)"),
+             n_test_natural: int = typer.Option(50, help="held-out natural test images"),
+             model: str = typer.Option("css-vgg", help="cortex model: css-vgg (the demo's: Gabor-energy early "
+                                                       "areas, VGG features in higher areas; 1200 x 5 training "
+                                                       "presentations) or dn-stats (an independent one: divisive "
+                                                       "normalisation, mid-level statistics, correlated noise; "
+                                                       "600 x 3, 8 presentations per test image)")):
     """Simulate a subject: BData fMRI files (train, test_natural, test_shapes, test_letters) and stimulus images."""
     from .nets import load_network
-    from .simulate.cortex import CortexConfig
     from .simulate.subject import SubjectConfig, simulate_subject
 
     from pydantic import ValidationError
@@ -105,12 +110,13 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
     from .pipeline import check_out_folder
 
     try:
-        cfg = SubjectConfig(seed=seed, n_train_images=n_train, n_test_natural=n_test_natural,
-                            cortex=CortexConfig(seed=seed))
+        cfg = SubjectConfig.for_model(model, seed=seed, n_test_natural=n_test_natural,
+                                      **({} if n_train is None else {"n_train_images": n_train}))
     except ValidationError as e:
         _fail(settings_message(e))
     _run_guarded(lambda: check_out_folder(out))
-    paths = _run_guarded(lambda: simulate_subject(out, cfg, load_network("hed-vgg16"), progress=_say), out)
+    network = load_network("hed-vgg16") if cfg.model == "css-vgg" else None
+    paths = _run_guarded(lambda: simulate_subject(out, cfg, network, progress=_say), out)
     for name, p in paths.items():
         _say(f"{name}: {p}")
 

@@ -25,6 +25,7 @@ from .data.bdata import FmriData, check_rois, read_fmri, roi_keys
 from .data.stimuli import StimulusError, StimulusSet, load_stimulus_set, png_bytes
 from .decode.decoder import DecodedFeatures, DecoderConfig, FeatureDecoder, load_decoded, save_decoded
 from .decode.decoder import roi_for_layer as _roi_for_layer
+from .decode.pixels import PixelChoice, PixelDecoder
 from .decode.rescale import rescale_decoded
 from .evaluate.decoding import DecodingScores, decoding_accuracy
 from .evaluate.reliability import retest_reliability
@@ -67,6 +68,7 @@ class PipelineConfig(DecoderConfig):
     snapshots: list[int] | None = Field(None, description="comma-separated iterations whose images are kept and "
                                                           "shown in the report (default: 0 and 5, 12.5, 25, 50% of "
                                                           "the iterations; 'none' for none)")
+    pixel_baseline: bool = Field(True, description="also fit and score a linear pixel decoder (voxels -> 16x16 image, ROI and penalty by cross-validation) beside the reconstructions")
 
     @model_validator(mode="after")
     def _one_seed(self) -> "PipelineConfig":
@@ -401,10 +403,16 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
 
     dcache = cache_root / f"decoded-{config.digest([train_path, *tests.values()], True, identity)}"
     decoded = decode_sets(train, train_images, sets, models, config, cache_root, dcache, log)
+    baselines = pixel_baselines(train_path, image_index, train_images, sets, config, cache, log) \
+        if config.pixel_baseline else {}
     metrics, shown = {}, {}
     for s in sets:
         metrics[s.name], shown[s.name] = _run_set(s, decoded[s.name], models, config, cache, folder, log,
                                                   first=s is sets[0])
+        if s.name in baselines:
+            images, choice = baselines[s.name]
+            metrics[s.name].update(baseline_metrics(images, choice, s))
+            shown[s.name][2]["pixel decoder"] = images
     log.stage("")
     write_json(folder.metrics, metrics)
     run_info = {"brainrecon": __version__, "config_digest": digest, "train": str(train_path),
@@ -443,6 +451,61 @@ def _run_set(s: TestSet, d: DecodedFeatures, models: RunModels, config: Pipeline
     if recs["decoded"].snapshots:
         shown["snapshots"] = recs["decoded"].snapshots
     return entry, (s.labels, s.images, shown)
+
+
+def baseline_rois(path: Path, roi: str) -> list[str]:
+    """Candidate ROIs of the pixel decoder: the analysed ROI, the early areas (ROI_LVC, else the union
+    of V1, V2, V3) and the higher ones (ROI_HVC, else the union of hV4/V4, LOC, FFA, PPA), each where
+    the file has it. (Each candidate costs one kernel ridge fit and its cross-validation.)"""
+    keys = roi_keys(path)
+
+    def union(names: tuple[str, ...], whole: str) -> list[str]:
+        if whole in keys:
+            return [whole]
+        present = [k for k in names if k in keys]
+        return ["+".join(present)] if len(present) >= 2 else []
+
+    early = union(("ROI_V1", "ROI_V2", "ROI_V3"), "ROI_LVC")
+    higher = union(("ROI_hV4", "ROI_V4", "ROI_LOC", "ROI_FFA", "ROI_PPA"), "ROI_HVC")
+    return list(dict.fromkeys([roi, *early, *higher]))
+
+
+def pixel_baselines(train_path: Path, image_index: np.ndarray, train_images: StimulusSet, sets: list[TestSet],
+                    config: PipelineConfig, cache: Path, log: Log) -> dict[str, tuple[np.ndarray, PixelChoice]]:
+    """The linear pixel decoder's predictions of every test set, (n, 3, S, S) at the image size, and
+    what cross-validation chose for it (ROI, penalty), reused from ``cache`` when finished."""
+    log.stage("pixel-decoder baseline")
+    out = {}
+    for s in sets:
+        npy, info = cache / f"baseline_{s.name}.npy", cache / f"baseline_{s.name}.json"
+        images = load_or_none(npy, load_npy, log) if info.exists() else None
+        if images is not None and images.shape == s.images.shape:
+            out[s.name] = (images, PixelChoice(**json.loads(info.read_text())))
+    todo = [s for s in sets if s.name not in out]
+    if not todo:
+        log("  reused the pixel decoder's predictions")
+        return out
+    rois = baseline_rois(train_path, config.roi)
+    X = {roi: read_fmri(train_path, roi).X for roi in rois}
+    reps = sorted({s.n_presentations for s in todo})
+    decoder = PixelDecoder(alphas=np.asarray(config.alphas)).fit(X, image_index, train_images.images, reps)
+    for s in todo:
+        choice = decoder.choice(s.n_presentations)
+        Xt, labels = read_fmri(s.path, choice.roi).average_by_label()
+        Xt = Xt[[labels.index(lab) for lab in s.labels]]
+        images = decoder.predict_images(Xt, config.image_size, s.n_presentations)
+        save_npy(npy := cache / f"baseline_{s.name}.npy", images)
+        write_json(cache / f"baseline_{s.name}.json", choice.to_json())
+        log(f"  '{s.name}': {choice.roi}, alpha {choice.alpha:g} (leave-one-image-out R^2 {choice.cv_r2:.3f}) -> {npy.name}")
+        out[s.name] = (images, choice)
+    return out
+
+
+def baseline_metrics(images: np.ndarray, choice: PixelChoice, s: TestSet) -> dict:
+    """metrics.json keys of the pixel decoder on one test set (``baseline_*``)."""
+    scores = evaluate(images, s.images).summary()
+    return {**{f"baseline_{k}": v for k, v in scores.items()}, "baseline_roi": choice.roi,
+            "baseline_alpha": choice.alpha, "baseline_cv_r2": choice.cv_r2}
 
 
 def set_metrics(s: TestSet, recs: dict[str, Reconstruction], accuracy: dict[str, DecodingScores]) -> dict:

@@ -102,18 +102,28 @@ def _pair(m: dict, key: str) -> str:
     return f"{m[key]:.3f}" + ("" if true is None else f" ({true:.3f})")
 
 
+def _baseline(m: dict) -> str:
+    """The pixel decoder's scores of a test set, or '' if not computed."""
+    if "baseline_pixel_identification" not in m:
+        return ""
+    return (f"{m['baseline_pixel_identification']:.1%} / {m['baseline_pixel_correlation']:.3f} / "
+            f"{m['baseline_ssim']:.3f} ({html.escape(str(m.get('baseline_roi', '')))})")
+
+
 def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) -> None:
     """``sets``: {name: (labels, stimuli (n, 3, H, W), {"decoded": images, "true": images,
-    "snapshots": {iteration: images}})}, the last two optional."""
+    "snapshots": {iteration: images}, "pixel decoder": images})}, all but "decoded" optional."""
     summary = ["<table><tr><th>test set</th><th>images</th><th>presentations</th>"
                "<th>pixel identification (decoded)</th><th>pixel identification (true features)</th>"
-               "<th>pixel r</th><th>SSIM</th><th>voxel test-retest r</th></tr>"]
+               "<th>pixel r</th><th>SSIM</th><th>voxel test-retest r</th>"
+               "<th>pixel decoder: identification / pixel r / SSIM (ROI)</th></tr>"]
     for name, m in metrics.items():
         true = m.get("pixel_identification_true_features")
         summary.append(f"<tr><td>{html.escape(name)}</td><td>{m['n_images']}</td><td>{m['n_presentations']:g}</td>"
                        f"<td class='big'>{m['pixel_identification']:.1%}</td>"
                        f"<td>{'' if true is None else f'{true:.1%}'}</td>"
-                       f"<td>{_pair(m, 'pixel_correlation')}</td><td>{_pair(m, 'ssim')}</td><td>{_analysed_r(m)}</td></tr>")
+                       f"<td>{_pair(m, 'pixel_correlation')}</td><td>{_pair(m, 'ssim')}</td><td>{_analysed_r(m)}</td>"
+                       f"<td>{_baseline(m)}</td></tr>")
     summary.append("</table><p class='sub'>Pairwise identification by pixel correlation: the fraction of "
                    "other test images that the reconstruction resembles less than its own stimulus (chance 50%). "
                    "Reconstructions from the true features of each image bound what the reconstruction stage can "
@@ -121,7 +131,9 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
                    "sigma 1.5): the mean resemblance of each reconstruction to its own stimulus, from fMRI "
                    "(true features in brackets). Voxel test-retest r: the median over voxels "
                    "of the analysed ROI of the correlation, across images, between two single presentations "
-                   "(per-ROI values under each test set). Human judgment of these reconstructions in the browser: "
+                   "(per-ROI values under each test set). Pixel decoder: the simplest readout, ridge regression from the "
+                   "voxels of the cross-validated ROI straight to a 16 x 16 image, upsampled and scored the same way "
+                   "(the deep method should beat it). Human judgment of these reconstructions in the browser: "
                    "<code>brainrecon judge serve RUN_FOLDER</code>.</p>")
 
     sections = []
@@ -130,6 +142,8 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
         rows = [("stimulus", stimuli), ("from fMRI", recons["decoded"])]
         if "true" in recons:
             rows.append(("true features", recons["true"]))
+        if "pixel decoder" in recons:
+            rows.append(("pixel decoder", recons["pixel decoder"]))
         rel = m.get("test_retest_median_r", {})
         rel_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in rel.items())
         true = m.get("pixel_identification_true_features")

@@ -8,12 +8,18 @@ Output folder::
     test_letters.h5          10 letters x letters_reps
     images/<label>.png       every stimulus, labels as in the files' stimulus_name
     simulation.json          the configuration used
+
+Two independent cortex models (``SubjectConfig.model``): ``"css-vgg"`` (:mod:`.cortex`, the demo's:
+Gabor-energy CSS early areas, higher areas pooling VGG features) and ``"dn-stats"``
+(:mod:`.statscortex`: divisive-normalisation early areas, higher areas mixing mid-level image
+statistics, spatially correlated noise with run effects). :meth:`SubjectConfig.for_model` gives each
+model's default design (the second: 600 training images x 3, 8 presentations per test image).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -24,10 +30,18 @@ from ..data.bdata import BData, write_bdata
 from ..data.natural import natural_images
 from ..data.stimuli import letters, shapes
 from .cortex import CortexConfig, SyntheticCortex
+from .statscortex import StatsCortex, StatsCortexConfig
+
+MODELS = ("css-vgg", "dn-stats")
+# each model's default design; css-vgg: the paper's (1,200 x 5; 24 / 20 / 12 presentations)
+MODEL_DESIGNS = {"css-vgg": {},
+                 "dn-stats": {"n_train_images": 600, "train_reps": 3, "natural_reps": 8, "shapes_reps": 8,
+                              "letters_reps": 8}}
 
 
 class SubjectConfig(BaseModel):
-    """What to simulate. Presentation counts default to the paper's."""
+    """What to simulate. Presentation counts default to the paper's (``for_model``: a model's design)."""
+    model: Literal["css-vgg", "dn-stats"] = "css-vgg"
     seed: int = Field(0, ge=0)
     n_train_images: int = Field(1200, ge=2)
     n_test_natural: int = Field(50, ge=2)     # pairwise identification needs two images
@@ -37,7 +51,21 @@ class SubjectConfig(BaseModel):
     letters_reps: int = Field(12, ge=1)
     stimulus_size: int = Field(128, ge=16)    # pixels of the saved stimulus images
     images_per_run: int = Field(50, ge=1)
-    cortex: CortexConfig = CortexConfig()
+    cortex: CortexConfig = CortexConfig()            # model "css-vgg"
+    stats_cortex: StatsCortexConfig = StatsCortexConfig()  # model "dn-stats"
+
+    @classmethod
+    def for_model(cls, model: str, seed: int = 0, **settings) -> "SubjectConfig":
+        """The default design of ``model`` with its cortex seeded by ``seed``; ``settings`` override."""
+        cortex = {"cortex": CortexConfig(seed=seed)} if model == "css-vgg" else \
+            {"stats_cortex": StatsCortexConfig(seed=seed)}
+        return cls(**{"model": model, "seed": seed, **MODEL_DESIGNS.get(model, {}), **cortex, **settings})
+
+    def build_cortex(self, network):
+        """The configured model's cortex (``network``: the DNN the css-vgg model's higher areas pool)."""
+        if self.model == "dn-stats":
+            return StatsCortex(self.stats_cortex)
+        return SyntheticCortex(self.cortex, network)
 
 
 def presentation_order(n_images: int, reps: int, per_run: int, rng: np.random.Generator):
@@ -77,7 +105,10 @@ def to_bdata(responses: np.ndarray, labels: list[str], runs: np.ndarray, blocks:
 
 def simulate_subject(out: Path, config: SubjectConfig, network,
                      progress: Callable[[str], None] = print) -> dict[str, Path]:
-    """Write a simulated subject to ``out``; returns {"train": path, "natural": path, ...}."""
+    """Write a simulated subject to ``out``; returns {"train": path, "natural": path, ...}.
+
+    ``network``: the VGG encoder of the css-vgg model's higher areas (unused by dn-stats; may be None).
+    """
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
@@ -90,7 +121,7 @@ def simulate_subject(out: Path, config: SubjectConfig, network,
         for lab, img in zip(stim.labels, stim.images):
             Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(out / "images" / f"{lab}.png")
 
-    cortex = SyntheticCortex(config.cortex, network)
+    cortex = config.build_cortex(network)
     paths = {}
     for name, (stim, reps) in sets.items():
         progress(f"simulating fMRI: {name} ({len(stim)} images x {reps} presentations)")
@@ -98,7 +129,8 @@ def simulate_subject(out: Path, config: SubjectConfig, network,
         images = torch.from_numpy(np.round(stim.images * 255) / 255).float()
         signal = cortex.signal(images, reference=(name == "train"))
         idx, runs, blocks = presentation_order(len(stim), reps, config.images_per_run, rng)
-        responses = cortex.measure(signal[idx], rng)
+        responses = (cortex.measure(signal[idx], rng, runs=runs, blocks=blocks) if config.model == "dn-stats"
+                     else cortex.measure(signal[idx], rng))
         labels = [stim.labels[i] for i in idx]
         path = out / ("train.h5" if name == "train" else f"test_{name}.h5")
         write_bdata(path, to_bdata(responses, labels, runs, blocks, cortex))

@@ -1,0 +1,202 @@
+"""How the pipeline's choices hold up across subjects: every decoder and every prior on several
+simulated subjects (two seeds of each simulator), with the pixel-decoder baseline beside them.
+
+Cells: each decoder with the default prior, and each prior with the default decoder, on every
+subject; each cell is one ``run_pipeline`` run. Runs of one subject share its cache (training
+features, and decoded features across priors). Cells run one after another; a finished cell is
+kept in ``WORK/cells/`` under a key of the settings and skipped when the script is run again
+(resume). Decoders the current ``DecoderConfig`` refuses are skipped with a note.
+
+Writes the cells as JSON (``--json``, default ``bench/results/robustness.json``) and, with
+``--write``, the Markdown table to docs/robustness.md (the reduced settings in its header).
+
+    python bench/robustness.py                          # the full table (see docs/robustness.md for its cost)
+    python bench/robustness.py --subjects css-vgg:0,dn-stats:0 --decoders kernel --priors gd,fourier \\
+        --image-size 32 --iterations 30 --n-train 300 --voxel-scale 0.5 --sets shapes,letters --write
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from brainrecon.nets import load_network
+from brainrecon.pipeline import Log, PipelineConfig, run_pipeline
+from brainrecon.recon.icnn import ReconConfig
+from brainrecon.simulate.subject import SubjectConfig, simulate_subject
+
+from _machine import cpu_name  # noqa: E402 - bench/ is the script's folder
+
+DECODERS = ("kernel", "banded", "selection", "channel_selection")
+PRIORS = ("gd", "lbfgs", "fourier", "dip", "generator")
+SETS = ("natural", "shapes", "letters")
+
+
+def subject_config(spec: str, args) -> SubjectConfig:
+    """``MODEL:SEED`` -> the model's default design, reduced by ``--n-train`` / ``--voxel-scale`` / size."""
+    model, _, seed = spec.partition(":")
+    cfg = SubjectConfig.for_model(model, seed=int(seed or 0), n_test_natural=args.n_test_natural,
+                                  **({"n_train_images": args.n_train} if args.n_train else {}))
+    if args.voxel_scale != 1.0:
+        key = "cortex" if model == "css-vgg" else "stats_cortex"
+        cortex = getattr(cfg, key)
+        rois = {k: v.model_copy(update={"n_voxels": max(20, round(v.n_voxels * args.voxel_scale))})
+                for k, v in cortex.rois.items()}
+        cfg = cfg.model_copy(update={key: cortex.model_copy(update={"rois": rois})})
+    return cfg
+
+
+def ensure_subject(folder: Path, cfg: SubjectConfig, network, log: Log) -> Path:
+    """The subject simulated into ``folder`` (reused when ``simulation.json`` says it was made with ``cfg``)."""
+    done = folder / "simulation.json"
+    if not (done.exists() and json.loads(done.read_text()) == json.loads(cfg.model_dump_json())):
+        log.stage(f"simulating {folder.name}")
+        simulate_subject(folder, cfg, network if cfg.model == "css-vgg" else None, progress=lambda m: log("  " + m))
+    return folder
+
+
+def variants(args) -> dict[str, PipelineConfig]:
+    """{cell name: run settings}: each decoder with the default prior, each prior with the default decoder."""
+    out = {}
+    base = dict(image_size=args.image_size, true_feature_recon=False, snapshots=[], seed=0)
+
+    def make(decoder: str, prior: str) -> PipelineConfig:
+        return PipelineConfig(decoder=decoder, generator="builtin" if prior == "generator" else None,
+                              recon=ReconConfig(prior=prior, iterations=args.iterations), **base)
+
+    for decoder in args.decoders:
+        try:
+            out[f"decoder {decoder}"] = make(decoder, args.default_prior)
+        except ValidationError as err:
+            print(f"note: skipping decoder {decoder!r}: this version's DecoderConfig refuses it "
+                  f"({err.errors()[0]['msg']})", flush=True)
+    for prior in args.priors:
+        if prior != args.default_prior or f"decoder {args.default_decoder}" not in out:
+            out[f"prior {prior}"] = make(args.default_decoder, prior)
+    return out
+
+
+def cell_key(subject: SubjectConfig, config: PipelineConfig, sets: list[str]) -> str:
+    text = subject.model_dump_json() + config.model_dump_json() + ",".join(sets)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_cell(subject_dir: Path, run_dir: Path, cache: Path, config: PipelineConfig, sets: list[str]) -> dict:
+    t0 = time.time()
+    tests = {k: subject_dir / f"test_{k}.h5" for k in sets}
+    metrics = run_pipeline(subject_dir / "train.h5", tests, subject_dir / "images", run_dir, config,
+                           log=Log(quiet=True), cache_root=cache, overwrite=True)
+    keep = ("pixel_identification", "pixel_correlation", "ssim", "baseline_pixel_identification",
+            "baseline_pixel_correlation", "baseline_ssim", "baseline_roi")
+    run = json.loads((run_dir / "run.json").read_text())
+    return {"seconds": round(time.time() - t0, 1), "stage_seconds": run.get("stage_seconds", {}),
+            "sets": {k: {f: m[f] for f in keep if f in m} for k, m in metrics.items()}}
+
+
+def markdown(cells: list[dict], args, names: list[str], subjects: list[str]) -> str:
+    """The table: one row per cell and test set; pixel identification per subject (the pixel decoder's
+    in brackets) and the means over subjects."""
+    by = {(c["subject"], c["variant"]): c for c in cells}
+    head = (f"Settings: {args.image_size} px, {args.iterations} iterations, reconstruction from decoded features only; "
+            f"subjects {', '.join(subjects)} ({'model default' if not args.n_train else args.n_train} training images, "
+            f"voxels x {args.voxel_scale:g}, {args.n_test_natural} natural test images); sets {', '.join(args.sets)}; "
+            f"default decoder {args.default_decoder}, default prior {args.default_prior}. Machine: {cpu_name()}. "
+            "Pixel identification from fMRI, the pixel decoder's in brackets.\n\n")
+    lines = [f"| cell | test set | {' | '.join(subjects)} | mean | pixel decoder (mean) | seconds per run (mean) |",
+             "|---|---|" + "---|" * (len(subjects) + 3)]
+    for name in names:
+        kind, _, value = name.partition(" ")
+        label = (f"decoder {value} (prior {args.default_prior})" if kind == "decoder"
+                 else f"prior {value} (decoder {args.default_decoder})")
+        for s in args.sets:
+            vals, base, secs = [], [], []
+            for subj in subjects:
+                c = by.get((subj, name))
+                m = c["sets"].get(s) if c else None
+                vals.append(None if m is None else (m["pixel_identification"],
+                                                    m.get("baseline_pixel_identification", np.nan)))
+                if m is not None:
+                    base.append(vals[-1][1])
+                    secs.append(c["seconds"])
+            done = [v[0] for v in vals if v is not None]
+            if not done:
+                continue
+            shown = " | ".join("-" if v is None else f"{v[0]:.1%} ({v[1]:.1%})" for v in vals)
+            mean = f"{np.mean(done):.1%}" + ("" if len(done) == len(vals) else f" ({len(done)} of {len(vals)})")
+            lines.append(f"| {label} | {s} | {shown} | **{mean}** | {np.nanmean(base):.1%} | {np.mean(secs):.0f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("bench_out/robustness"))
+    ap.add_argument("--subjects", default="css-vgg:0,css-vgg:1,dn-stats:0,dn-stats:1", help="MODEL:SEED,...")
+    ap.add_argument("--decoders", default=",".join(DECODERS))
+    ap.add_argument("--priors", default=",".join(PRIORS))
+    ap.add_argument("--default-decoder", default=PipelineConfig().decoder)
+    ap.add_argument("--default-prior", default=PipelineConfig().recon.prior)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--n-train", type=int, default=0, help="training images (0: each model's default)")
+    ap.add_argument("--voxel-scale", type=float, default=1.0, help="fraction of each area's voxels")
+    ap.add_argument("--n-test-natural", type=int, default=50)
+    ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--json", type=Path, default=Path("bench/results/robustness.json"))
+    ap.add_argument("--write", action="store_true", help="write the table to docs/robustness.md")
+    args = ap.parse_args()
+    for key in ("decoders", "priors", "sets"):
+        setattr(args, key, [x for x in getattr(args, key).split(",") if x])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    log = Log()
+    network = load_network("hed-vgg16")
+    runs = variants(args)
+    subjects = [s for s in args.subjects.split(",") if s]
+    cells = []
+    for spec in subjects:
+        sub_cfg = subject_config(spec, args)
+        folder = ensure_subject(args.work / "subjects" / spec.replace(":", "-"), sub_cfg, network, log)
+        for name, cfg in runs.items():
+            key = cell_key(sub_cfg, cfg, args.sets)
+            path = args.work / "cells" / f"{key}.json"
+            if path.exists():
+                log(f"{spec} / {name}: finished earlier ({path})")
+                cells.append(json.loads(path.read_text()))
+                continue
+            log.stage(f"{spec} / {name}")
+            result = run_cell(folder, args.work / "runs" / spec.replace(":", "-") / name.replace(" ", "-"),
+                              args.work / "cache" / spec.replace(":", "-"), cfg, args.sets)
+            result.update(subject=spec, variant=name, key=key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1))
+            log("  " + ", ".join(f"{k} {v['pixel_identification']:.3f} (pixel decoder "
+                                 f"{v.get('baseline_pixel_identification', float('nan')):.3f})"
+                                 for k, v in result["sets"].items()) + f"; {result['seconds']:.0f} s")
+            cells.append(result)
+    log.stage("")
+    table = markdown(cells, args, list(runs), subjects)
+    print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
+                                                  for k, v in vars(args).items() if k not in ("work", "json")},
+                                     "cells": cells}, indent=1))
+    if args.write:
+        doc = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
+        text = doc.read_text() if doc.exists() else "# Robustness across simulated subjects\n"
+        marker = "<!-- robustness table -->"
+        before, _, after = text.partition(marker)
+        end = after.find("<!-- end robustness table -->")
+        rest = after[end:] if end >= 0 else "<!-- end robustness table -->\n"
+        doc.write_text(before + marker + "\n" + table + rest)
+
+
+if __name__ == "__main__":
+    main()
