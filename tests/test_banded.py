@@ -1,0 +1,135 @@
+"""Banded (multiple-kernel) ridge over ROIs, checked against himalaya and brute-force refits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from brainrecon.decode.banded import BandedKernelRidge, Band, bands_of, candidate_weights
+from brainrecon.decode.ridge import KernelRidgeDecoder, zscore_fit
+
+ALPHAS = np.logspace(-1, 4, 11)
+
+
+def planted(seed: int = 0, n: int = 60, sizes=(30, 20, 40), signal_band: int = 1, k: int = 12, noise: float = 0.5):
+    """Voxels in bands; targets linear in the voxels of one band only, plus noise."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, sum(sizes)))
+    edges = np.cumsum((0,) + tuple(sizes))
+    bands = [Band(f"R{i}", np.arange(edges[i], edges[i + 1])) for i in range(len(sizes))]
+    W = rng.standard_normal((sizes[signal_band], k))
+    Y = X[:, bands[signal_band].columns] @ W / np.sqrt(sizes[signal_band]) + noise * rng.standard_normal((n, k))
+    return X, Y, bands
+
+
+def _z(X):
+    mean, sd = zscore_fit(X)
+    return (X - mean) / sd
+
+
+def test_bands_of_drops_unions_and_keeps_the_rest():
+    cols = {"ROI_V1": [0, 1, 2], "ROI_V2": [3, 4], "ROI_LVC": [0, 1, 2, 3, 4], "ROI_VC": list(range(8)),
+            "ROI_FFA": []}
+    bands = bands_of(cols, 8)
+    assert [b.name for b in bands] == ["V1", "V2", "other"]
+    assert [b.columns.tolist() for b in bands] == [[0, 1, 2], [3, 4], [5, 6, 7]]
+
+
+def test_candidates_on_the_simplex():
+    W = candidate_weights(4, 10, seed=3)
+    assert W.shape == (15, 4)
+    np.testing.assert_allclose(W.sum(1), 1.0)
+    assert (W >= 0).all()
+    np.testing.assert_allclose(W[0], 0.25)
+    np.testing.assert_allclose(W[1:5], np.eye(4))
+    np.testing.assert_array_equal(W, candidate_weights(4, 10, seed=3))
+
+
+def test_loo_scores_match_brute_force_refits():
+    X, Y, bands = planted(n=40, k=5)
+    W = candidate_weights(3, 3, seed=1)
+    model = BandedKernelRidge(ALPHAS, bands, W).fit(X, np.arange(len(X)))
+    scores = model.search({"y": Y}, [None])["y"][:, 0]                      # (n_candidates, n_alphas)
+    Xz = _z(X)
+    Yz = (Y - Y.mean(0)) / Y.std(0)
+    for c in (0, 2, 5):
+        scale = np.zeros(X.shape[1])
+        for w, b in zip(W[c], bands):
+            scale[b.columns] = len(bands) * w
+        for a in (1, 6):
+            err = np.zeros(Y.shape[1])
+            for i in range(len(X)):
+                tr = np.delete(np.arange(len(X)), i)
+                Kc = (Xz[tr] * scale) @ Xz[tr].T
+                Kc -= Kc.mean(0) + Kc.mean(1, keepdims=True) - Kc.mean()           # intercept: centred fold
+                kt = (Xz[i] * scale) @ Xz[tr].T
+                kt = kt - kt.mean() - ((Xz[tr] * scale) @ Xz[tr].T).mean(1) + ((Xz[tr] * scale) @ Xz[tr].T).mean()
+                ym = Yz[tr].mean(0)
+                pred = ym + kt @ np.linalg.solve(Kc + ALPHAS[a] * np.eye(len(tr)), Yz[tr] - ym)
+                err += (Yz[i] - pred) ** 2
+            np.testing.assert_allclose(scores[c, a], np.mean(1 - err / len(X)), atol=1e-5)   # float32 products
+
+
+def test_matches_himalaya_multiple_kernel_ridge_cv():
+    himalaya = pytest.importorskip("himalaya.kernel_ridge")
+    from sklearn.model_selection import KFold
+
+    X, Y, bands = planted(seed=2, n=50, k=8)
+    Xtest = np.random.default_rng(9).standard_normal((7, X.shape[1]))
+    W = candidate_weights(3, 6, seed=0)
+    B = len(bands)
+    model = BandedKernelRidge(ALPHAS, bands, W).fit(X, np.arange(len(X)))
+    scores = model.search({"y": Y}, [None])["y"][:, 0]
+    c, a = np.unravel_index(np.argmax(scores), scores.shape)
+
+    mean, sd = zscore_fit(X)
+    Xz, Xtz = (X - mean) / sd, (Xtest - mean) / sd
+    Ks = np.stack([Xz[:, b.columns] @ Xz[:, b.columns].T for b in bands])
+    Kt = np.stack([Xtz[:, b.columns] @ Xz[:, b.columns].T for b in bands])
+    Yz = (Y - Y.mean(0)) / Y.std(0)
+    # our kernel is B sum_b w_b K_b at penalty alpha: himalaya's sum_b w_b K_b at alpha / B
+    ref = himalaya.MultipleKernelRidgeCV(
+        kernels="precomputed", solver="random_search", cv=KFold(len(X)), fit_intercept=True,  # KFold(n): leave-one-out
+        solver_params=dict(n_iter=W, alphas=ALPHAS / B, local_alpha=False, progress_bar=False))
+    ref.fit(Ks, Yz)
+    gamma = np.exp(ref.deltas_)                          # gamma_b / alpha, the same for every target
+    np.testing.assert_allclose(gamma, gamma[:, :1] * np.ones_like(gamma))
+    ref_alpha = 1.0 / gamma[:, 0].sum()
+    np.testing.assert_allclose(gamma[:, 0] * ref_alpha, W[c], atol=1e-12)
+    np.testing.assert_allclose(ref_alpha * B, ALPHAS[a], rtol=1e-9)
+    # per-candidate CV scores: himalaya's mean negative squared LOO error is our R^2 - 1
+    np.testing.assert_allclose(ref.cv_scores_.mean(1), scores.max(1) - 1, atol=1e-6)
+
+    dec = model.decoder(c)
+    pred = dec.predict(dec.test_weights(Xtest, ALPHAS[a]), Yz)
+    np.testing.assert_allclose(pred, ref.predict(Kt), atol=1e-6)
+    kr = himalaya.KernelRidge(alpha=ALPHAS[a], kernel="precomputed", fit_intercept=True)
+    kr.fit(B * np.tensordot(W[c], Ks, 1), Yz)
+    np.testing.assert_allclose(pred, kr.predict(B * np.tensordot(W[c], Kt, 1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_weight_concentrates_on_the_informative_roi(average):
+    X, Y, bands = planted(seed=4, n=120, sizes=(40, 40, 40), signal_band=2, k=20, noise=0.7)
+    index = np.arange(len(X))
+    if average:     # three noisy presentations per image
+        rng = np.random.default_rng(5)
+        index = np.repeat(index, 3)
+        X = X[index] + 0.5 * rng.standard_normal((len(index), X.shape[1]))
+    W = candidate_weights(3, 20, seed=0)
+    model = BandedKernelRidge(np.logspace(-1, 5, 13), bands, W).fit(X, index, average)
+    scores = model.search({"y": Y}, [None])["y"][:, 0]
+    best = W[np.argmax(scores.max(1))]
+    assert best[2] > 0.8, best
+    assert scores.max() > scores[0].max() + 0.05       # better than the uniform kernel (the kernel decoder)
+
+
+def test_uniform_candidate_is_the_kernel_decoder():
+    X, Y, bands = planted(seed=6, n=30, k=4)
+    index = np.repeat(np.arange(30), 2)
+    Xr = X[index] + 0.3 * np.random.default_rng(1).standard_normal((60, X.shape[1]))
+    model = BandedKernelRidge(ALPHAS, bands, candidate_weights(3, 2)).fit(Xr, index, True)
+    ref = KernelRidgeDecoder(ALPHAS).fit(Xr, index, True)
+    np.testing.assert_allclose(model.search({"y": Y}, [None, 4.0])["y"][0], ref.cv_scores_averaged(Y, [None, 4.0]),
+                               atol=1e-6)
+    dec = model.decoder(0)
+    np.testing.assert_allclose(dec.test_weights(Xr[:5], 10.0), ref.test_weights(Xr[:5], 10.0), atol=1e-8)
