@@ -175,8 +175,10 @@ OPT = dict(
                                       "lab's generator_relu7.pt"),
     layers=typer.Option(None, help="comma-separated layers to decode (default: all of the network)"),
     executor=typer.Option(None, help="decoding tasks: local (default), processes:N, dask, dask:ADDRESS"),
-    decoder=typer.Option(None, help="kernel (default: all-voxel ridge, penalty by cross-validation) or selection "
-                                    "(the lab's FastL2LiR: top 500 voxels per unit, alpha 100)"),
+    decoder=typer.Option(None, help="kernel (default: all-voxel ridge, penalty by cross-validation), banded (one "
+                                    "kernel per ROI: ROI weights and penalty by cross-validation), selection (the "
+                                    "lab's FastL2LiR: top 500 voxels per unit, alpha 100) or channel_selection "
+                                    "(top 500 voxels per channel of units, one solve per channel)"),
     alpha_per=typer.Option(None, help="kernel ridge penalty: layer (default: one per layer, by cross-validation on "
                                       "a sample of its units) or unit (each unit its own, for layers up to 200,000 "
                                       "units; needs the feature cache on disk)"),

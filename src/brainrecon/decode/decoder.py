@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..cache import load_npz, load_or_none, save_npz, write_json
 from ..data.bdata import FmriData, read_fmri, roi_columns
 from .banded import BandedKernelRidge, bands_of, candidate_weights
+from .channels import channel_groups, readout_channel_selection
 from .ridge import DEFAULT_ALPHAS, KernelRidgeDecoder, unit_r2
 from .streaming import (LayerStats, combination_weights, read_unit_results, readout_cached, readout_selection,
                         readout_stream, training_pass)
@@ -51,6 +52,7 @@ class DecoderConfig(BaseModel):
     unit_weight_max_units: int = Field(200_000, ge=0)  # per-unit R^2 for layers up to this size (cost 2 n_images^2 flops per unit); larger: none
     selection_alpha: float = Field(100.0, gt=0)  # penalty of the voxel-selection decoder (the lab's default)
     selection_voxels: int = Field(500, ge=1)     # voxels per unit of the voxel-selection decoder (the lab's default)
+    selection_fc_group: int = Field(256, ge=1)   # "channel_selection": units sharing their voxels in a layer without channels
     feature_store: Literal["auto", "disk", "stream"] = "auto"  # training features: "disk" (HDF5 cache), "stream" (never stored), "auto"
     feature_cache_gb: float = Field(8.0, gt=0)  # "auto" streams when the cache would be larger than this
     batch_size: int = Field(16, ge=1)        # images per forward pass when extracting features
@@ -540,7 +542,7 @@ class FeatureDecoder:
         cfg = self.config
         if cfg.decoder in _KERNEL and self.store_ == "stream":
             return readout_stream(self.network, self.images_, C, cfg.batch_size, progress=self._progress)
-        if cfg.decoder == "selection":
+        if cfg.decoder in _SELECTION:
             inputs = {}
             for layer in self.layers_:
                 dec = self.decoders_[penalties[layer].roi]
@@ -552,6 +554,11 @@ class FeatureDecoder:
                                                 voxels_per_unit=cfg.selection_voxels)
         executor = make_executor(cfg.executor, cfg.executor_options)
         try:
+            if cfg.decoder == "channel_selection":
+                groups = {k: channel_groups(self.unit_shapes_[k], cfg.selection_fc_group) for k in self.layers_}
+                return readout_channel_selection(self.feature_path_, self.units_, groups, inputs, tasks_dir, executor,
+                                                 cfg.chunk_units, progress=lambda i, n: self.log(f"  {i}/{n} tasks"),
+                                                 log=self.log)
             if cfg.decoder == "selection":
                 return readout_selection(self.feature_path_, self.units_, inputs, tasks_dir, executor,
                                          cfg.chunk_units, progress=lambda i, n: self.log(f"  {i}/{n} tasks"),
