@@ -1,6 +1,7 @@
 """Banded (multiple-kernel) ridge over ROIs, checked against himalaya and brute-force refits."""
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 
@@ -69,6 +70,7 @@ def test_loo_scores_match_brute_force_refits():
             np.testing.assert_allclose(scores[c, a], np.mean(1 - err / len(X)), atol=1e-5)   # float32 products
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")   # himalaya logs zero weights
 def test_matches_himalaya_multiple_kernel_ridge_cv():
     himalaya = pytest.importorskip("himalaya.kernel_ridge")
     from sklearn.model_selection import KFold
@@ -133,3 +135,52 @@ def test_uniform_candidate_is_the_kernel_decoder():
                                atol=1e-6)
     dec = model.decoder(0)
     np.testing.assert_allclose(dec.test_weights(Xr[:5], 10.0), ref.test_weights(Xr[:5], 10.0), atol=1e-8)
+
+
+def test_feature_decoder_banded_on_a_simulated_subject(small_subject, network, tmp_path):
+    """ROI weights per layer in the fitted state and the decoded features; the features are the chosen
+    weighting's kernel ridge prediction; deep layers weigh the areas the simulator drives by them."""
+    import brainrecon as br
+    from brainrecon.decode.streaming import combination_weights
+
+    subject, paths = small_subject
+    train, test = br.read_fmri(paths["train"]), br.read_fmri(paths["letters"])
+    layers = ["conv1_1", "conv5_3"]
+    dec = br.FeatureDecoder(network, 32, cache_dir=tmp_path, layers=layers, decoder="banded", banded_candidates=8,
+                            alpha_sample_units=128).fit(train, br.load_images(subject / "images", train.labels), [12.0])
+    decoded = dec.predict(test)
+    for layer in layers:
+        w = decoded.alphas[layer].roi_weights
+        assert list(w) == ["V1", "V2", "V3", "hV4", "LOC", "FFA", "PPA"]
+        assert sum(w.values()) == pytest.approx(1.0)
+        kernel = dec._decoder(layer)
+        X, labels = test.average_by_label()
+        order = np.argsort(labels)
+        C = combination_weights(kernel.test_weights(X[order], decoded.alphas[layer].test_alpha["test"]),
+                                kernel.image_weights())
+        with h5py.File(dec.feature_path_) as f:
+            want = C @ f[layer][()]
+        np.testing.assert_allclose(decoded.features[layer].reshape(len(labels), -1), want, rtol=1e-4,
+                                   atol=1e-4 * np.abs(want).max())
+    high = decoded.alphas["conv5_3"].roi_weights
+    assert high["LOC"] + high["FFA"] + high["PPA"] > 0.5, high           # the simulator drives them by conv4_3/conv5_3
+    assert decoded.unit_r2["conv5_3"].shape == (512, 2, 2)
+
+
+def test_banded_run_writes_roi_weights_to_run_json_and_report(small_subject, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from brainrecon.cli import app
+    subject, _ = small_subject
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, [
+        "run", "--train", str(subject / "train.h5"), "--test", f"letters={subject / 'test_letters.h5'}",
+        "--images", str(subject / "images"), "--out", str(out), "--image-size", "32", "--iterations", "3",
+        "--snapshots", "none", "--no-true-features", "--decoder", "banded", "--layers", "conv1_1,conv3_1"])
+    assert res.exit_code == 0, res.output
+    alphas = json.loads((out / "run.json").read_text())["alphas"]
+    assert set(alphas["conv3_1"]["roi_weights"]) == {"V1", "V2", "V3", "hV4", "LOC", "FFA", "PPA"}
+    report = (out / "report.html").read_text()
+    assert "Which area decodes which layer" in report and "<th>hV4</th>" in report
