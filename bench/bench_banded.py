@@ -75,6 +75,7 @@ def main() -> None:
         cost_only(args.candidates, args.timed)
         return
 
+    import shutil
     import tempfile
 
     import brainrecon as br
@@ -93,6 +94,7 @@ def main() -> None:
                       ).fit(train, images, n_pres)                               # features cached on disk
     rows = []
     for kind in args.decoders.split(","):
+        shutil.rmtree(cache / f"tasks-{kind}", ignore_errors=True)           # no decoding task reused
         t0, c0 = time.time(), _cpu()
         dec = br.FeatureDecoder(net, args.image_size, cache_dir=cache, layers=layers, decoder=kind,
                                 banded_candidates=args.candidates, tasks_dir=cache / f"tasks-{kind}")
