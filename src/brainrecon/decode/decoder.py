@@ -233,8 +233,10 @@ class FeatureDecoder:
         Each layer's unit shape at ``image_size``.
     stats_ : {layer: LayerStats}
         Training features' per-unit mean, SD and the penalty-choosing unit sample.
-    decoders_ : {roi: KernelRidgeDecoder}
-        The fitted solver of each ROI.
+    decoders_ : {roi: KernelRidgeDecoder or BandedKernelRidge}
+        The fitted solver of each ROI (``decoder: banded``: one kernel ridge per ROI weighting).
+    band_choice_ : {layer: int}
+        ``decoder: banded``: the ROI weighting (row of the solver's ``weights``) chosen for each layer.
     penalties_ : {layer: LayerPenalty}
         The single-trial cross-validated penalty of each layer and its ROI.
     store_ : {"disk", "stream"}
@@ -338,6 +340,7 @@ class FeatureDecoder:
         average = cfg.train_trials == "averaged" and cfg.decoder in _KERNEL
         self.decoders_ = {}
         self.band_choice_: dict[str, int] = {}
+        self._band_scores: dict[str, np.ndarray] = {}         # banded: single-presentation CV R^2 (weightings, alphas)
         averaged = self._expected_presentations if cfg.alpha_cv == "averaged" else []
         for roi in dict.fromkeys(self._roi(k) for k in self.layers_):
             X = self.train_.X if roi == self.train_.roi else read_fmri(self.train_.path, roi).X
@@ -371,7 +374,6 @@ class FeatureDecoder:
         layers = [k for k in self.layers_ if self._roi(k) == roi]
         n_averages = list(dict.fromkeys(n_averages))
         scores = model.search({k: self.stats_[k].sample for k in layers}, n_averages)
-        self._band_scores = getattr(self, "_band_scores", {})
         for k in layers:
             c = int(np.argmax(scores[k][:, 0].max(1)))              # single presentations (n_averages[0] is None)
             self.band_choice_[k] = c
