@@ -184,3 +184,18 @@ def test_banded_run_writes_roi_weights_to_run_json_and_report(small_subject, tmp
     assert set(alphas["conv3_1"]["roi_weights"]) == {"V1", "V2", "V3", "hV4", "LOC", "FFA", "PPA"}
     report = (out / "report.html").read_text()
     assert "Which area decodes which layer" in report and "<th>hV4</th>" in report
+
+
+def test_fewer_voxels_than_samples_uses_the_voxel_gram():
+    """Single presentations with fewer voxels than samples: each weighting's eigendecomposition comes
+    from the (voxels x voxels) Gram matrix; the scores equal those from the stored sample kernels."""
+    X, Y, bands = planted(seed=7, n=40, sizes=(6, 5, 7), k=4)
+    index = np.repeat(np.arange(40), 2)
+    Xr = X[index] + 0.5 * np.random.default_rng(2).standard_normal((80, 18))
+    W = candidate_weights(3, 3, seed=2)
+    model = BandedKernelRidge(ALPHAS, bands, W).fit(Xr, index)
+    assert model.kernels_ is None
+    got = model.search({"y": Y}, [None, 3.0])["y"]
+    Xz = model.base_.Xz_
+    model.kernels_ = np.stack([Xz[:, b.columns] @ Xz[:, b.columns].T for b in bands])
+    np.testing.assert_allclose(got, model.search({"y": Y}, [None, 3.0])["y"], atol=1e-5)

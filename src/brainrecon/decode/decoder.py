@@ -368,6 +368,9 @@ class FeatureDecoder:
         cfg = self.config
         bands = bands_of(roi_columns(self.train_.path, roi), X.shape[1])
         weights = candidate_weights(len(bands), cfg.banded_candidates, cfg.seed)
+        if len(bands) == 1:
+            self.log(f"  note: {self.train_.path} has no smaller ROIs inside {roi}: the banded decoder is the kernel "
+                     "decoder (pass a file with ROI_V1, ROI_V2, ... or decode with --decoder kernel)")
         self.log(f"  {len(bands)} bands ({', '.join(f'{b.name} {len(b.columns)}' for b in bands)}): "
                  f"{len(weights)} ROI weightings x {len(cfg.alphas)} penalties")
         model = BandedKernelRidge(np.array(cfg.alphas), bands, weights).fit(X, self.image_index_, average)
