@@ -33,6 +33,9 @@ def test_bands_of_drops_unions_and_keeps_the_rest():
     bands = bands_of(cols, 8)
     assert [b.name for b in bands] == ["V1", "V2", "other"]
     assert [b.columns.tolist() for b in bands] == [[0, 1, 2], [3, 4], [5, 6, 7]]
+    only_union = bands_of({"ROI_VC": list(range(8))}, 8)       # no smaller ROI: one band, the kernel decoder
+    assert [(b.name, len(b.columns)) for b in only_union] == [("other", 8)]
+    assert candidate_weights(1, 5).tolist() == [[1.0]]
 
 
 def test_candidates_on_the_simplex():
