@@ -202,3 +202,29 @@ def test_fewer_voxels_than_samples_uses_the_voxel_gram():
     Xz = model.base_.Xz_
     model.kernels_ = np.stack([Xz[:, b.columns] @ Xz[:, b.columns].T for b in bands])
     np.testing.assert_allclose(got, model.search({"y": Y}, [None, 3.0])["y"], atol=1e-5)
+
+
+def test_banded_per_unit_choice_among_weightings(small_subject, network, tmp_path):
+    """alpha_per unit: every unit is decoded by one of the ROI weightings, each at its best penalty."""
+    import brainrecon as br
+    from brainrecon.decode.streaming import combination_weights
+
+    subject, paths = small_subject
+    train, test = br.read_fmri(paths["train"]), br.read_fmri(paths["letters"])
+    dec = br.FeatureDecoder(network, 32, cache_dir=tmp_path, layers=["conv5_3"], decoder="banded", alpha_per="unit",
+                            banded_candidates=4, alpha_sample_units=128).fit(
+        train, br.load_images(subject / "images", train.labels))
+    decoded = dec.predict(test)
+    p = decoded.alphas["conv5_3"]
+    assert p.alpha_per == "unit" and sum(p.unit_alpha_counts.values()) == 2048
+    model, scores = dec.decoders_[train.roi], dec._band_scores["conv5_3"]
+    X, labels = test.average_by_label()
+    Xs = X[np.argsort(labels)]
+    with h5py.File(dec.feature_path_) as f:
+        Y = f["conv5_3"][()]
+    preds = np.stack([combination_weights(model.decoder(c).test_weights(Xs, model.alphas[int(np.argmax(scores[c]))]),
+                                          model.base_.image_weights()) @ Y for c in range(len(model.weights))])
+    got = decoded.features["conv5_3"].reshape(len(Xs), -1)
+    err = np.abs(preds - got[None]).max(1)                               # (weightings, units)
+    assert (err.min(0) <= 1e-4 * np.abs(Y).max()).all()
+    assert len(set(err.argmin(0).tolist())) > 1                          # units differ in their weighting
