@@ -108,19 +108,19 @@ class KernelRidgeDecoder:
     def _set_deviations(self, dev_kernel: np.ndarray) -> None:
         """The averaged fit's terms from the kernel (n, n_images) between the presentations' deviations
         from their images' means and the means."""
-        trial_index, n_images, X = self.trial_index_, self.n_images_, dev_kernel
+        trial_index, n_images, n = self.trial_index_, self.n_images_, len(dev_kernel)
         # G = U diag(1 / (eig + alpha)) U' + (I - U U' - 1 1'/n) / alpha (see _group_blocks); the second
         # part is zero unless there are fewer voxels than images
         self.dev_U_ = dev_kernel @ self.U_                                     # (n, r)
         self.dev_U32_ = self.dev_U_.astype(np.float32)
-        rows = np.arange(len(X))
+        rows = np.arange(n)
         self.dev_own_U_ = self.dev_U_ * self.U_[trial_index]                  # (n, r): own image's term
         self.perp_diag_ = np.clip(1.0 - (self.U_ ** 2).sum(1) - 1.0 / n_images, 0.0, None)  # diag(I - U U' - 1 1'/n)
-        self.dev_perp_, self.dev_own_perp_ = None, np.zeros(len(X))
+        self.dev_perp_, self.dev_own_perp_ = None, np.zeros(n)
         if self.U_.shape[1] < n_images - 1:
             self.dev_perp_ = dev_kernel - self.dev_U_ @ self.U_.T              # (n, n_images)
             self.dev_own_perp_ = self.dev_perp_[rows, trial_index]
-        self.trial_sum_ = scipy.sparse.csr_matrix((np.ones(len(X)), (trial_index, rows)), shape=(n_images, len(X)))
+        self.trial_sum_ = scipy.sparse.csr_matrix((np.ones(n), (trial_index, rows)), shape=(n_images, n))
 
     def reweighted(self, column_weights: np.ndarray, K: np.ndarray | None = None,
                    dev_kernel: np.ndarray | None = None) -> "KernelRidgeDecoder":
