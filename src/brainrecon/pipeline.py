@@ -306,8 +306,8 @@ def decode_sets(train: FmriData, train_images: StimulusSet, sets: list[TestSet],
     decoder = FeatureDecoder(models.network, config.image_size, cache_dir=cache_root,
                              tasks_dir=dcache / "decoded_chunks", log=log, **settings).fit(
         train, train_images, n_presentations=sorted({s.n_presentations for s in sets}))
-    if config.unit_weighting == "reliability" and not (decoder.store_ == "disk" and config.decoder == "kernel"):
-        log("  note: reliability weights need the kernel decoder and the training features on disk; "
+    if config.unit_weighting == "reliability" and not (decoder.store_ == "disk" and config.decoder in ("kernel", "banded")):
+        log("  note: reliability weights need a kernel (or banded) decoder and the training features on disk; "
             "the reconstruction weighs every unit equally")
     decoded = decoder.predict_sets({s.name: s.fmri for s in sets})
     save_decoded(dcache, decoded)

@@ -316,3 +316,18 @@ def roi_keys(path) -> list[str]:
     with f, _reading(path):
         _, keys, _, _, _ = _parts(path, f)
     return [k for k in keys if k.startswith("ROI_")]
+
+
+def roi_columns(path, roi: str = "ROI_VC") -> dict[str, np.ndarray]:
+    """For every ROI key of the file, the positions (ascending) of its voxels among the columns of
+    ``roi`` as :func:`read_fmri` returns them (empty where the two do not overlap)."""
+    path, f = _open(path)
+    with f, _reading(path):
+        _, keys, _, vals, _ = _parts(path, f)
+        _, idx = _roi_mask(path, keys, vals, roi)
+        out = {}
+        for k in keys:
+            if k.startswith("ROI_"):
+                member = vals[keys.index(k)][idx] == 1
+                out[k] = np.flatnonzero(member)
+    return out

@@ -24,7 +24,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..cache import load_npz, load_or_none, save_npz, write_json
-from ..data.bdata import FmriData, read_fmri
+from ..data.bdata import FmriData, read_fmri, roi_columns
+from .banded import BandedKernelRidge, bands_of, candidate_weights
+from .channels import channel_groups, readout_channel_selection
 from .ridge import DEFAULT_ALPHAS, KernelRidgeDecoder, unit_r2
 from .streaming import (LayerStats, combination_weights, read_unit_results, readout_cached, readout_selection,
                         readout_stream, training_pass)
@@ -39,9 +41,12 @@ class DecoderConfig(BaseModel):
     layer_rois: dict[str, str] = Field({}, description=(
         "LAYER=ROI: decode a layer (or all layers of a prefix such as conv1) from another ROI, e.g. "
         "conv1=ROI_V1+ROI_V2+ROI_V3 (repeatable)"))
-    decoder: Literal["kernel", "selection"] = Field("kernel", description=(
-        "kernel (all-voxel ridge, penalty by cross-validation) or selection (the lab's FastL2LiR: top 500 "
-        "voxels per unit, alpha 100)"))
+    decoder: Literal["kernel", "banded", "selection", "channel_selection"] = Field("kernel", description=(
+        "kernel (all-voxel ridge, penalty by cross-validation), banded (one kernel per ROI: ROI weights and "
+        "penalty by cross-validation), selection (the lab's FastL2LiR: top 500 voxels per unit, alpha 100) or "
+        "channel_selection (top 500 voxels per channel of units, one solve per channel)"))
+    banded_candidates: int = Field(16, ge=0, description=(
+        "banded: random ROI weightings tried besides the uniform one and each ROI alone"))
     alphas: list[float] = Field(default_factory=lambda: DEFAULT_ALPHAS.tolist(), min_length=1, description=(
         "comma-separated ridge penalties searched by cross-validation"))
     alpha_sample_units: int = Field(256, ge=1, description="units per layer used to choose its penalty")
@@ -65,6 +70,8 @@ class DecoderConfig(BaseModel):
         "penalty of the voxel-selection decoder (the lab's default)"))
     selection_voxels: int = Field(500, ge=1, description=(
         "voxels per unit of the voxel-selection decoder (the lab's default)"))
+    selection_fc_group: int = Field(256, ge=1, description=(
+        "channel_selection: units sharing their voxels in a layer without channels"))
     feature_store: Literal["auto", "disk", "stream"] = Field("auto", description=(
         "training features: disk (HDF5 cache), stream (never stored), auto (stream when the cache would "
         "exceed feature_cache_gb)"))
@@ -105,6 +112,7 @@ class LayerPenalty:
     unit_alpha_counts: dict[str, int] | None = None
     unit_r2_median: float | None = None
     voxels_per_unit: int | None = None
+    roi_weights: dict[str, float] | None = None   # banded decoder: the kernel weight of each ROI (sum 1)
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -248,8 +256,10 @@ class FeatureDecoder:
         Each layer's unit shape at ``image_size``.
     stats_ : {layer: LayerStats}
         Training features' per-unit mean, SD and the penalty-choosing unit sample.
-    decoders_ : {roi: KernelRidgeDecoder}
-        The fitted solver of each ROI.
+    decoders_ : {roi: KernelRidgeDecoder or BandedKernelRidge}
+        The fitted solver of each ROI (``decoder: banded``: one kernel ridge per ROI weighting).
+    band_choice_ : {layer: int}
+        ``decoder: banded``: the ROI weighting (row of the solver's ``weights``) chosen for each layer.
     penalties_ : {layer: LayerPenalty}
         The single-trial cross-validated penalty of each layer and its ROI.
     store_ : {"disk", "stream"}
@@ -304,11 +314,11 @@ class FeatureDecoder:
         self.unit_shapes_ = {k: shapes[k] for k in self.layers_}
         units = self.units_ = {k: int(np.prod(s)) for k, s in self.unit_shapes_.items()}
         cache_bytes = 4 * len(stimuli.images) * sum(units.values())
-        store = "disk" if cfg.decoder == "selection" else cfg.feature_store   # selection needs whole features
+        store = "disk" if cfg.decoder in _SELECTION else cfg.feature_store   # selection needs whole features
         if store == "auto":
             store = "disk" if cache_bytes <= cfg.feature_cache_gb * 1e9 else "stream"
         self.store_ = store
-        if cfg.alpha_per == "unit" and cfg.decoder == "kernel" and store != "disk":
+        if cfg.alpha_per == "unit" and cfg.decoder in _KERNEL and store != "disk":
             raise ValueError("alpha_per 'unit' needs the training features on disk, but they are streamed "
                              f"({cache_bytes / 1e9:.1f} GB): set feature_store: disk (and feature_cache_gb) "
                              "or use alpha_per: layer")
@@ -350,21 +360,58 @@ class FeatureDecoder:
 
     def _fit_solvers(self) -> None:
         cfg = self.config
-        average = cfg.train_trials == "averaged" and cfg.decoder == "kernel"
+        average = cfg.train_trials == "averaged" and cfg.decoder in _KERNEL
         self.decoders_ = {}
+        self.band_choice_: dict[str, int] = {}
+        self._band_scores: dict[str, np.ndarray] = {}         # banded: single-presentation CV R^2 (weightings, alphas)
+        averaged = self._expected_presentations if cfg.alpha_cv == "averaged" else []
         for roi in dict.fromkeys(self._roi(k) for k in self.layers_):
             X = self.train_.X if roi == self.train_.roi else read_fmri(self.train_.path, roi).X
             self.log(f"  decoder for {roi}: {X.shape[1]} voxels, fit on "
                      + (f"the mean presentation of each of {len(self.counts_)} images" if average
                         else f"{len(self.image_index_)} single presentations"))
-            self.decoders_[roi] = KernelRidgeDecoder(np.array(cfg.alphas)).fit(X, self.image_index_, average)
+            if cfg.decoder == "banded":
+                self.decoders_[roi] = self._fit_banded(roi, X, average, [None, *averaged])
+            else:
+                self.decoders_[roi] = KernelRidgeDecoder(np.array(cfg.alphas)).fit(X, self.image_index_, average)
         self.penalties_ = {}
-        averaged = self._expected_presentations if cfg.alpha_cv == "averaged" else []
         for layer in self.layers_:
-            dec = self.decoders_[self._roi(layer)]
+            dec = self._decoder(layer)
             scores = self._cv_scores(layer, [None, *averaged])[None]
             self.penalties_[layer] = LayerPenalty(self._roi(layer), float(dec.alphas[int(np.argmax(scores))]),
                                                   float(scores.max()))
+            if cfg.decoder == "banded":
+                model = self.decoders_[self._roi(layer)]
+                self.penalties_[layer].roi_weights = {
+                    b.name: float(w) for b, w in zip(model.bands, model.weights[self.band_choice_[layer]])}
+
+    def _fit_banded(self, roi: str, X: np.ndarray, average: bool, n_averages: list) -> BandedKernelRidge:
+        """The banded decoder of ``roi``: every candidate ROI weighting scored on the unit sample of each
+        of its layers; per layer the weighting of the best single-presentation CV R^2 is kept."""
+        cfg = self.config
+        bands = bands_of(roi_columns(self.train_.path, roi), X.shape[1])
+        weights = candidate_weights(len(bands), cfg.banded_candidates, cfg.seed)
+        if len(bands) == 1:
+            self.log(f"  note: {self.train_.path} has no smaller ROIs inside {roi}: the banded decoder is the kernel "
+                     "decoder (pass a file with ROI_V1, ROI_V2, ... or decode with --decoder kernel)")
+        self.log(f"  {len(bands)} bands ({', '.join(f'{b.name} {len(b.columns)}' for b in bands)}): "
+                 f"{len(weights)} ROI weightings x {len(cfg.alphas)} penalties")
+        model = BandedKernelRidge(np.array(cfg.alphas), bands, weights).fit(X, self.image_index_, average)
+        layers = [k for k in self.layers_ if self._roi(k) == roi]
+        n_averages = list(dict.fromkeys(n_averages))
+        scores = model.search({k: self.stats_[k].sample for k in layers}, n_averages)
+        for k in layers:
+            c = int(np.argmax(scores[k][:, 0].max(1)))              # single presentations (n_averages[0] is None)
+            self.band_choice_[k] = c
+            self._band_scores[k] = scores[k][:, 0]
+            self._cv_tables[k] = dict(zip(n_averages, scores[k][c]))
+        model.release(set())
+        return model
+
+    def _decoder(self, layer: str) -> KernelRidgeDecoder:
+        """The kernel ridge decoder of ``layer`` (banded: its ROI weighting's)."""
+        dec = self.decoders_[self._roi(layer)]
+        return dec.decoder(self.band_choice_[layer], keep=True) if isinstance(dec, BandedKernelRidge) else dec
 
     def _cv_scores(self, layer: str, n_averages: list) -> dict:
         """{R: leave-one-image-out R^2 (n_alphas,)} of a layer for inputs averaged over R presentations
@@ -372,7 +419,7 @@ class FeatureDecoder:
         table = self._cv_tables.setdefault(layer, {})
         todo = [r for r in dict.fromkeys(n_averages) if r not in table]
         if todo:
-            dec = self.decoders_[self._roi(layer)]
+            dec = self._decoder(layer)
             table.update(zip(todo, dec.cv_scores_averaged(self.stats_[layer].sample, todo)))
         return table
 
@@ -401,7 +448,7 @@ class FeatureDecoder:
         sets = {name: self._test_inputs(t) for name, t in tests.items()}
         penalties = {k: LayerPenalty(**asdict(p)) for k, p in self.penalties_.items()}
         C = self._combinations(sets, penalties)
-        per_unit = self._per_unit_plans(sets, penalties, C) if cfg.decoder == "kernel" else []
+        per_unit = self._per_unit_plans(sets, penalties, C) if cfg.decoder in _KERNEL else []
         self._stage(f"decoding {sum(len(s.labels) for s in sets.values())} test images "
                     f"({sum(self.units_.values()):,} units)")
         tasks_dir = self.tasks_dir or self.cache_dir / f"tasks-{self._tasks_key(sets)}"
@@ -432,7 +479,7 @@ class FeatureDecoder:
     def _combinations(self, sets: dict[str, _TestInputs], penalties: dict[str, LayerPenalty]) -> dict:
         """Per layer the readout weights C (n_test, n_images) at each set's penalty (kernel decoder)."""
         cfg = self.config
-        if cfg.decoder != "kernel":
+        if cfg.decoder not in _KERNEL:
             return {}
         per_unit_alpha = cfg.alpha_per == "unit"
         averaged = sorted({s.n_presentations for s in sets.values()}) \
@@ -446,7 +493,7 @@ class FeatureDecoder:
             averaged = []
         C = {}
         for layer in self.layers_:
-            dec, p = self.decoders_[self._roi(layer)], penalties[layer]
+            dec, p = self._decoder(layer), penalties[layer]
             table = self._cv_scores(layer, [None] + averaged)
             test_scores = {n: table[s.n_presentations if averaged else None] for n, s in sets.items()}
             test_alpha = {n: float(dec.alphas[int(np.argmax(v))]) for n, v in test_scores.items()}
@@ -456,7 +503,8 @@ class FeatureDecoder:
                 if (warning := grid_edge_warning(layer, dec.alphas, sc)):
                     self.log(warning)
             self.log(f"  {layer}: alpha {p.alpha:g} (CV R2 {p.cv_r2:.3f})" + ("; averaged test trials: " + ", ".join(
-                f"{n} {a:g}" for n, a in test_alpha.items()) if averaged else ""))
+                f"{n} {a:g}" for n, a in test_alpha.items()) if averaged else "") + ("; ROI weights " + ", ".join(
+                f"{r} {w:.2f}" for r, w in p.roi_weights.items()) if p.roi_weights else ""))
             C[layer] = combination_weights(np.vstack([dec.test_weights(s.X[p.roi], test_alpha[n])
                                                       for n, s in sets.items()]), dec.image_weights())
         return C
@@ -464,38 +512,54 @@ class FeatureDecoder:
     def _per_unit_plans(self, sets: dict[str, _TestInputs], penalties: dict[str, LayerPenalty],
                         C: dict) -> list[tuple[str, bool]]:
         """Turn ``C[layer]`` into (C per penalty, leave-one-image-out matrices, penalties) where units get
-        their own penalty (``alpha_per: unit``) or their CV R^2 measured; returns (layer, own penalty)."""
+        their own penalty (``alpha_per: unit``) or their CV R^2 measured; returns (layer, own penalty).
+
+        Banded decoder: a unit's own choice is among the ROI weightings, each at its best penalty for
+        the layer's unit sample (one leave-one-image-out matrix per weighting)."""
         cfg = self.config
         per_unit_alpha = cfg.alpha_per == "unit"
         if not (per_unit_alpha or self.store_ == "disk"):
             return []
-        plans, loo, combos = [], {}, {}
+        grids: dict[str, tuple[bool, list[tuple[int | None, int]]]] = {}   # layer: (own, [(weighting, penalty index)])
         for layer in self.layers_:
-            roi, alpha = penalties[layer].roi, penalties[layer].alpha
-            dec, n = self.decoders_[roi], self.units_[layer]
+            alpha, n = penalties[layer].alpha, self.units_[layer]
+            alphas, choice = np.array(cfg.alphas), self.band_choice_.get(layer)
             own = per_unit_alpha and n <= cfg.unit_alpha_max_units
-            if own:
-                grid = [i for i, a in enumerate(dec.alphas) if alpha / cfg.unit_alpha_span <= a <= alpha * cfg.unit_alpha_span]
+            if own and choice is not None:
+                grid = [(c, int(np.argmax(sc))) for c, sc in enumerate(self._band_scores[layer])]
+            elif own:
+                grid = [(None, i) for i, a in enumerate(alphas) if alpha / cfg.unit_alpha_span <= a <= alpha * cfg.unit_alpha_span]
             elif n <= cfg.unit_weight_max_units:
-                grid = [int(np.argmin(np.abs(dec.alphas - alpha)))]
+                grid = [(choice, int(np.argmin(np.abs(alphas - alpha))))]
             else:
                 self.log(f"  {layer}: {n:,} units > unit_{'alpha' if per_unit_alpha else 'weight'}_max_units: "
                          "no per-unit " + ("penalties" if per_unit_alpha else "reliability"))
                 continue
-            todo = [i for i in grid if (roi, i) not in loo]
-            if todo:
-                self.log(f"  leave-one-image-out matrices for {roi}: {len(todo)} penalties")
-                loo.update({(roi, i): P for i, P in zip(todo, dec.loo_matrices(todo))})
-            if own:
-                for i in grid:
-                    if (roi, i) not in combos:
-                        combos[roi, i] = combination_weights(
-                            np.vstack([dec.test_weights(s.X[roi], dec.alphas[i]) for s in sets.values()]),
-                            dec.image_weights())
-                Cs = np.stack([combos[roi, i] for i in grid])
-            else:   # the units' R^2 at the single-presentation penalty; decoding keeps each test set's penalty
-                Cs = C[layer][None]
-            C[layer] = (Cs, np.stack([loo[roi, i] for i in grid]), dec.alphas[grid])
+            grids[layer] = (own, grid)
+        need: dict[tuple, dict[int, bool]] = {}                  # (roi, weighting): {penalty index: test weights needed}
+        for layer, (own, grid) in grids.items():
+            for c, i in grid:
+                d = need.setdefault((penalties[layer].roi, c), {})
+                d[i] = d.get(i, False) or own
+        loo, combos = {}, {}
+        for roi in dict.fromkeys(r for r, _ in need):
+            todo = [(c, i) for (r, c), d in need.items() if r == roi for i in d]
+            weightings = {c for c, _ in todo} - {None}
+            self.log(f"  leave-one-image-out matrices for {roi}: {len(todo)}"
+                     + (f" (over {len(weightings)} ROI weightings)" if weightings else " penalties"))
+        for (roi, c), todo in need.items():                      # one decoder at a time (banded: one per weighting)
+            model = self.decoders_[roi]
+            dec = model if c is None else model.decoder(c)
+            loo.update({(roi, c, i): P for i, P in zip(todo, dec.loo_matrices(list(todo)))})
+            for i in (i for i, test in todo.items() if test):
+                combos[roi, c, i] = combination_weights(
+                    np.vstack([dec.test_weights(s.X[roi], dec.alphas[i]) for s in sets.values()]), dec.image_weights())
+        plans = []
+        for layer, (own, grid) in grids.items():
+            roi = penalties[layer].roi
+            # not own: the units' R^2 at the single-presentation penalty; decoding keeps each test set's penalty
+            Cs = np.stack([combos[roi, c, i] for c, i in grid]) if own else C[layer][None]
+            C[layer] = (Cs, np.stack([loo[roi, c, i] for c, i in grid]), np.array(cfg.alphas)[[i for _, i in grid]])
             plans.append((layer, own))
         return plans
 
@@ -504,9 +568,9 @@ class FeatureDecoder:
         from ..executors import make_executor
 
         cfg = self.config
-        if cfg.decoder == "kernel" and self.store_ == "stream":
+        if cfg.decoder in _KERNEL and self.store_ == "stream":
             return readout_stream(self.network, self.images_, C, cfg.batch_size, progress=self._progress)
-        if cfg.decoder == "selection":
+        if cfg.decoder in _SELECTION:
             inputs = {}
             for layer in self.layers_:
                 dec = self.decoders_[penalties[layer].roi]
@@ -518,6 +582,11 @@ class FeatureDecoder:
                                                 voxels_per_unit=cfg.selection_voxels)
         executor = make_executor(cfg.executor, cfg.executor_options)
         try:
+            if cfg.decoder == "channel_selection":
+                groups = {k: channel_groups(self.unit_shapes_[k], cfg.selection_fc_group) for k in self.layers_}
+                return readout_channel_selection(self.feature_path_, self.units_, groups, inputs, tasks_dir, executor,
+                                                 cfg.chunk_units, progress=lambda i, n: self.log(f"  {i}/{n} tasks"),
+                                                 log=self.log)
             if cfg.decoder == "selection":
                 return readout_selection(self.feature_path_, self.units_, inputs, tasks_dir, executor,
                                          cfg.chunk_units, progress=lambda i, n: self.log(f"  {i}/{n} tasks"),
@@ -546,6 +615,10 @@ class FeatureDecoder:
             p.unit_r2_median = float(np.median(r2))
             out[layer] = r2.reshape(self.unit_shapes_[layer])
         return out
+
+
+_KERNEL = ("kernel", "banded")                   # decoders that are a kernel ridge (readout C Y)
+_SELECTION = ("selection", "channel_selection")  # decoders that select voxels per unit or channel
 
 
 def _at_size(images, size: int):

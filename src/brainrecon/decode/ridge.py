@@ -18,6 +18,8 @@ averaging removes trial noise, so the best penalty for them is smaller than for 
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import scipy.linalg
 import scipy.sparse
@@ -77,7 +79,7 @@ class KernelRidgeDecoder:
         self.trial_index_, self.trial_counts_, self.n_images_ = trial_index, counts, n_images
         self.mean_, self.sd_ = zscore_fit(X)
         self.averaged_ = bool(average_trials)
-        self.blocks_ = None
+        self.blocks_ = self.column_weights_ = None
         if not self.averaged_:
             self.Xz_ = (X - self.mean_) / self.sd_                             # (n, v)
             self.image_index_, self.counts_ = trial_index, counts
@@ -95,21 +97,54 @@ class KernelRidgeDecoder:
         # kernel (n, n_images) between each presentation's deviation from its image's mean and the means
         dev_kernel = np.empty((len(X), n_images))
         for s in range(0, len(X), 1024):
-            dev = (X[s:s + 1024] - self.mean_) / self.sd_ - self.Xz_[trial_index[s:s + 1024]]
-            dev_kernel[s:s + 1024] = dev @ self.Xz_.T
+            dev_kernel[s:s + 1024] = self.deviations(X[s:s + 1024], trial_index[s:s + 1024]) @ self.Xz_.T
+        self._set_deviations(dev_kernel)
+        return self
+
+    def deviations(self, X: np.ndarray, trial_index: np.ndarray) -> np.ndarray:
+        """Z-scored presentations X (m, v) minus their images' mean presentations (averaged fit)."""
+        return (np.asarray(X, np.float64) - self.mean_) / self.sd_ - self.Xz_[trial_index]
+
+    def _set_deviations(self, dev_kernel: np.ndarray) -> None:
+        """The averaged fit's terms from the kernel (n, n_images) between the presentations' deviations
+        from their images' means and the means."""
+        trial_index, n_images, n = self.trial_index_, self.n_images_, len(dev_kernel)
         # G = U diag(1 / (eig + alpha)) U' + (I - U U' - 1 1'/n) / alpha (see _group_blocks); the second
         # part is zero unless there are fewer voxels than images
         self.dev_U_ = dev_kernel @ self.U_                                     # (n, r)
         self.dev_U32_ = self.dev_U_.astype(np.float32)
-        rows = np.arange(len(X))
+        rows = np.arange(n)
         self.dev_own_U_ = self.dev_U_ * self.U_[trial_index]                  # (n, r): own image's term
         self.perp_diag_ = np.clip(1.0 - (self.U_ ** 2).sum(1) - 1.0 / n_images, 0.0, None)  # diag(I - U U' - 1 1'/n)
-        self.dev_perp_, self.dev_own_perp_ = None, np.zeros(len(X))
+        self.dev_perp_, self.dev_own_perp_ = None, np.zeros(n)
         if self.U_.shape[1] < n_images - 1:
             self.dev_perp_ = dev_kernel - self.dev_U_ @ self.U_.T              # (n, n_images)
             self.dev_own_perp_ = self.dev_perp_[rows, trial_index]
-        self.trial_sum_ = scipy.sparse.csr_matrix((np.ones(len(X)), (trial_index, rows)), shape=(n_images, len(X)))
-        return self
+        self.trial_sum_ = scipy.sparse.csr_matrix((np.ones(n), (trial_index, rows)), shape=(n_images, n))
+
+    def reweighted(self, column_weights: np.ndarray, K: np.ndarray | None = None,
+                   dev_kernel: np.ndarray | None = None) -> "KernelRidgeDecoder":
+        """The same fit with the kernel ``Xz diag(column_weights) Xz'`` (a weight per voxel, >= 0).
+
+        ``K`` (n_fit, n_fit): that kernel if already computed (else it is, from the smaller Gram
+        matrix); ``dev_kernel`` (n_samples, n_images): for an averaged fit, the weighted kernel between
+        the presentations' deviations (:meth:`deviations`) and the image means (required). The
+        training data are shared with this decoder, not copied.
+        """
+        w = np.asarray(column_weights, np.float64)
+        new = copy.copy(self)
+        new.column_weights_, new.blocks_ = w, None
+        if K is None:
+            new.U_, new.eig_ = kernel_eigen(self.Xz_ * np.sqrt(w))
+        else:
+            eig, U = scipy.linalg.eigh(K, driver="evd")
+            keep = eig > eig.max() * 1e-10
+            new.U_, new.eig_ = U[:, keep], eig[keep]
+        if self.averaged_:
+            if dev_kernel is None:
+                raise ValueError("an averaged fit needs the weighted deviation kernel")
+            new._set_deviations(dev_kernel)
+        return new
 
     def image_weights(self) -> np.ndarray:
         """Weights (n_images,) of the images in the fit's centring: presentation shares, or equal when averaged."""
@@ -296,6 +331,8 @@ class KernelRidgeDecoder:
     def test_weights(self, X_test: np.ndarray, alpha: float) -> np.ndarray:
         """B (n_test, n_images) such that decoded = mean + B @ (Y_images - mean)."""
         Xt = (np.asarray(X_test, dtype=np.float64) - self.mean_) / self.sd_
+        if getattr(self, "column_weights_", None) is not None:
+            Xt = Xt * self.column_weights_
         Kt = Xt @ self.Xz_.T                                                   # (n_test, n)
         d = 1.0 / (self.eig_ + alpha) - 1.0 / alpha
         A = Kt / alpha + ((Kt @ self.U_) * d) @ self.U_.T                      # Kt G

@@ -110,6 +110,25 @@ def _baseline(m: dict) -> str:
             f"{m['baseline_ssim']:.3f} ({html.escape(str(m.get('baseline_roi', '')))})")
 
 
+def roi_weights_table(alphas: dict) -> str:
+    """The banded decoder's kernel weight of each ROI per layer (run.json's ``alphas``), as a table
+    shaded by weight; empty if no layer has ROI weights."""
+    layers = [k for k, v in alphas.items() if v.get("roi_weights")]
+    if not layers:
+        return ""
+    rois = list(dict.fromkeys(r for k in layers for r in alphas[k]["roi_weights"]))
+    rows = []
+    for k in layers:
+        w = alphas[k]["roi_weights"]
+        rows.append(f"<tr><td>{html.escape(k)}</td>" + "".join(
+            f"<td style='background:rgba(31,119,180,{w.get(r, 0.0):.2f})'>{w.get(r, 0.0):.2f}</td>" for r in rois)
+            + "</tr>")
+    head = "".join(f"<th>{html.escape(r)}</th>" for r in rois)
+    return ("<h2>Which area decodes which layer</h2><p class='sub'>Kernel weight of each ROI in the banded decoder "
+            "of each layer (sum 1), chosen by leave-one-image-out cross-validation on the training data.</p>"
+            f"<table><tr><th>layer</th>{head}</tr>{''.join(rows)}</table>")
+
+
 def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) -> None:
     """``sets``: {name: (labels, stimuli (n, 3, H, W), {"decoded": images, "true": images,
     "snapshots": {iteration: images}, "pixel decoder": images})}, all but "decoded" optional."""
@@ -182,8 +201,9 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
                      f"the reconstruction weighs units by it'>unit CV R&sup2; (median)</th>{head}</tr>"
                      f"{''.join(layer_rows)}</table></details>") if metrics else ""
 
+    decoding_html += roi_weights_table(run_info.get("alphas", {}))
     fit_note = (" (decoders fit on each image's mean presentation)"
-                if config.train_trials == "averaged" and config.decoder == "kernel" else "")
+                if config.train_trials == "averaged" and config.decoder in ("kernel", "banded") else "")
     times = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in run_info.get("stage_seconds", {}).items())
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>brainrecon report</title><style>{CSS}</style></head><body>
 <h1>Deep image reconstruction from fMRI</h1>
