@@ -105,7 +105,7 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
 # the run command's options; every other setting is a field of PipelineConfig, given in a config file
 RUN_OPTIONS = ("roi", "layer_roi", "image_size", "iterations", "network", "seed", "no_true_features", "prior",
                "generator", "layers", "feature_store", "executor", "executor_options", "decoder", "alpha_per",
-               "alpha_cv", "train_trials", "unit_weighting", "snapshots")
+               "alpha_cv", "train_trials", "unit_weighting", "snapshots", "exclude_label", "labels")
 
 
 def _run_keys() -> tuple[str, ...]:
@@ -155,7 +155,18 @@ def _read_config(path: Path) -> dict:
             data[key] = base / Path(str(data[key])).expanduser()
     if "test" in data:
         data["test"] = {k: str(base / Path(v).expanduser()) for k, v in _pairs(data["test"], "test", "NAME: PATH").items()}
+    if "labels" in data:
+        data["labels"] = {k: _label_map_spec(v, base) for k, v in _pairs(data["labels"], "labels", "NAME: TSV").items()}
     return data
+
+
+def _label_map_spec(spec: str, base: Path | None = None) -> str:
+    """A label map as given: a builtin name stays as it is, a file path becomes absolute (taken from ``base``)."""
+    from .data.labelmaps import BUILTIN_MAPS
+    if spec in BUILTIN_MAPS:
+        return spec
+    path = Path(spec).expanduser()
+    return str(((base / path) if base is not None and not path.is_absolute() else path).absolute())
 
 
 OPT = dict(
@@ -192,6 +203,11 @@ OPT = dict(
                                       "(default: 0 and 5, 12.5, 25, 50% of the iterations; 'none' for none)"),
     seed=typer.Option(None, help="random seed (default 0)"),
     no_true_features=typer.Option(None, "--no-true-features", help="skip reconstructions from true features"),
+    exclude_label=typer.Option(None, help="leave out the trials of this label in every test set, e.g. fixation "
+                                          "(labels without images; repeatable)"),
+    labels=typer.Option(None, help="NAME=TSV: the image stem of each label of test set NAME, for files that label "
+                                   "samples by number (TSV of label, image stem; builtin: dir-imagery, the DIR imagery "
+                                   "experiment; repeatable)"),
     overwrite=typer.Option(False, "--overwrite", help="the output folder holds another run (other settings or "
                                                       "inputs): replace that run's outputs (its caches are kept)"),
 )
@@ -209,7 +225,19 @@ def _run_setup(config, given: dict):
         given["test"] = _pairs(given["test"], "--test", "NAME=PATH, e.g. --test natural=test.h5")
     if given.get("layer_roi"):
         given["layer_roi"] = _pairs(given["layer_roi"], "--layer-roi", "LAYER=ROI, e.g. --layer-roi conv1=ROI_V1+ROI_V2")
+    if given.get("labels"):
+        given["labels"] = {k: _label_map_spec(v) for k, v in
+                           _pairs(given["labels"], "--labels", "NAME=TSV, e.g. --labels imagery=dir-imagery").items()}
+    else:
+        given.pop("labels", None)
+    if given.get("exclude_label"):
+        given["exclude_labels"] = list(given.pop("exclude_label"))
+    else:
+        given.pop("exclude_label", None)
     opts = {**(_read_config(config) if config else {}), **given}
+    if "exclude_label" in opts:     # the option's name in a config file
+        label = opts.pop("exclude_label")
+        opts["exclude_labels"] = [label] if isinstance(label, str) else label
     missing = [k for k in ("train", "test", "images", "out") if not opts.get(k)]
     if missing:
         _fail("missing " + ", ".join(f"--{k}" for k in missing) + " (on the command line or as keys of the config file)")
@@ -256,6 +284,7 @@ def run(config: Optional[Path] = typer.Argument(None, help="YAML file with any o
         alpha_cv: Optional[str] = OPT["alpha_cv"], train_trials: Optional[str] = OPT["train_trials"],
         unit_weighting: Optional[str] = OPT["unit_weighting"],
         snapshots: Optional[str] = OPT["snapshots"],
+        exclude_label: Optional[list[str]] = OPT["exclude_label"], labels: Optional[list[str]] = OPT["labels"],
         seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"],
         overwrite: bool = OPT["overwrite"]):
     """Run the whole pipeline on BData files: decode, reconstruct, evaluate, report."""
@@ -286,6 +315,7 @@ def compare(what: str = typer.Argument(..., help="rois: the paper's ROI analysis
         alpha_cv: Optional[str] = OPT["alpha_cv"], train_trials: Optional[str] = OPT["train_trials"],
         unit_weighting: Optional[str] = OPT["unit_weighting"],
         snapshots: Optional[str] = OPT["snapshots"],
+        exclude_label: Optional[list[str]] = OPT["exclude_label"], labels: Optional[list[str]] = OPT["labels"],
             seed: Optional[int] = OPT["seed"], no_true_features: Optional[bool] = OPT["no_true_features"],
             overwrite: bool = OPT["overwrite"]):
     """Run variants of the pipeline on the same data and compare them in one report (out/report.html)."""
@@ -343,7 +373,10 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="output folder"),
         sub_cfg = SubjectConfig(seed=seed, n_train_images=n_train, n_test_natural=n_test_natural,
                                 cortex=CortexConfig(seed=seed))
         cfg = PipelineConfig(image_size=image_size, seed=seed, generator="builtin" if prior == "generator" else None,
-                             recon=ReconConfig(iterations=iterations, seed=seed, prior=prior))
+                             recon=ReconConfig(iterations=iterations, seed=seed, prior=prior),
+                             # the simulated imagery file labels trials by number, as the lab's files do
+                             labels={"imagery": str((out / "subject" / "imagery_labels.tsv").absolute())},
+                             exclude_labels=["fixation"])
     except ValidationError as e:
         _fail(settings_message(e))
     _run_guarded(lambda: check_out_folder(out))
@@ -446,7 +479,7 @@ def _judge_inputs(run_dir: Path, images: Optional[Path], which: str, pairs_per_i
     from .evaluate.judgment import JudgmentError, make_trials, run_images
     try:
         imgs = run_images(run_dir, images, which)
-        return imgs, make_trials(imgs.labels, pairs_per_image, seed)
+        return imgs, make_trials(imgs.labels, pairs_per_image, seed, families=imgs.families)
     except JudgmentError as e:
         _fail(str(e))
 
