@@ -99,10 +99,10 @@ class LabelMap:
         return None
 
     def missing(self, labels: Sequence[object]) -> list[LabelKey]:
-        """Labels of ``labels`` in neither column of the map (the fewer of the two columns' misses)."""
+        """Labels of ``labels`` not in the map (the fewer of the two columns' misses), numbers first, sorted."""
         keys = list(dict.fromkeys(label_key(x) for x in labels))
         misses = [[k for k in keys if k not in self._column(w)] for w in (0, 1)]
-        return min(misses, key=len)
+        return sorted(min(misses, key=len), key=lambda k: (isinstance(k, str), k))
 
 
 def builtin_map_path(name: str) -> Path:
