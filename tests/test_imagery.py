@@ -312,7 +312,7 @@ def test_run_on_a_bdpy_imagery_file_with_vmap_and_fixation(small_subject, tmp_pa
     args = ["run", "--train", str(subject / "train.h5"), "--images", str(subject / "images"), "--out", str(out),
             "--image-size", "32", "--iterations", "5", "--snapshots", "none", "--test", f"imagery={path}",
             "--test", f"shapes={subject / 'test_shapes.h5'}", "--no-true-features"]
-    _expect_error(args, "'fixation'", "--exclude-label NAME")
+    _expect_error(args, "have no image in", ": fixation.", "--exclude-label NAME")
     result = runner.invoke(app, args + ["--exclude-label", "fixation"])
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())["imagery"]
