@@ -82,7 +82,8 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
              seed: int = typer.Option(0, help="random seed (subject and stimuli)"),
              n_train: int = typer.Option(1200, help="training images"),
              n_test_natural: int = typer.Option(50, help="held-out natural test images")):
-    """Simulate a subject: BData fMRI files (train, test_natural, test_shapes, test_letters) and stimulus images."""
+    """Simulate a subject: BData fMRI files (train, test_natural, test_shapes, test_letters, test_imagery with its
+    label map imagery_labels.tsv) and stimulus images."""
     from .nets import load_network
     from .simulate.cortex import CortexConfig
     from .simulate.subject import SubjectConfig, simulate_subject
