@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data.labelmaps import IMAGERY_COLOURS, IMAGERY_FORMS, IMAGERY_SHAPES
+from ..data.labelmaps import IMAGERY_SHAPES
 from .identification import correlation_matrix, pairwise_identification
 
 FAMILIES = ("shapes", "natural")
