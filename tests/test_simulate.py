@@ -11,7 +11,7 @@ from conftest import small_subject_config
 
 def test_layout_like_the_real_data(small_subject):
     out, paths = small_subject
-    assert set(paths) == {"train", "natural", "shapes", "letters"}
+    assert set(paths) == {"train", "natural", "shapes", "letters", "imagery"}
     with h5py.File(paths["train"], "r") as f:
         keys = [k.decode() for k in f["metadata/key"][...]]
         assert f["dataset"].dtype == np.float64 and "stimulus_name" in f["vmap"]

@@ -24,7 +24,7 @@ _EXPORTS = {
     # data
     "read_fmri": "brainrecon.data.bdata", "FmriData": "brainrecon.data.bdata",
     "load_images": "brainrecon.data.stimuli", "Stimuli": "brainrecon.data.stimuli",
-    "StimulusSet": "brainrecon.data.stimuli",
+    "StimulusSet": "brainrecon.data.stimuli", "read_label_map": "brainrecon.data.labelmaps",
     "simulate_subject": "brainrecon.simulate.subject", "SubjectConfig": "brainrecon.simulate.subject",
     # networks
     "load_network": "brainrecon.nets", "load_generator": "brainrecon.nets",
@@ -35,7 +35,7 @@ _EXPORTS = {
     "ReconConfig": "brainrecon.recon.config", "Reconstruction": "brainrecon.recon.icnn",
     # evaluation
     "ImageScores": "brainrecon.evaluate.scores",
-    "pairwise_identification": "brainrecon.evaluate.identification",
+    "pairwise_identification": "brainrecon.evaluate.identification", "score_imagery": "brainrecon.evaluate.imagery",
     # the whole pipeline
     "run_pipeline": "brainrecon.pipeline", "PipelineConfig": "brainrecon.pipeline", "RunFolder": "brainrecon.runfolder",
 }

@@ -44,13 +44,20 @@ def compare_variants(train: Path, tests: dict[str, Path], images: Path, out: Pat
                                      overwrite=overwrite)
     table = {name: {s: {"pixel_identification": m["pixel_identification"],
                         **({"pixel_identification_true_features": m["pixel_identification_true_features"]}
-                           if "pixel_identification_true_features" in m else {})}
+                           if "pixel_identification_true_features" in m else {}),
+                        **_imagery_columns(m)}
                     for s, m in res.items()} for name, res in results.items()}
     write_json(out / "comparison.json", {"title": title, "variants": table,
                                          "folders": {k: str(v) for k, v in folders.items()}})
     write_comparison_report(out / "report.html", title, results, folders, images, x_axis=x_axis)
     log(f"wrote {out / 'comparison.json'} and {out / 'report.html'}")
     return results
+
+
+def _imagery_columns(m: dict) -> dict[str, float]:
+    """An imagery set's within-family pixel identification, per family (``imagery_<family>_pixel_identification``)."""
+    families = m.get("imagery", {}).get("families", {})
+    return {f"imagery_{f}_pixel_identification": s["pixel_identification"] for f, s in families.items()}
 
 
 def _slug(name: str) -> str:

@@ -101,7 +101,8 @@ def simulate(out: Path = typer.Option(..., help="folder to write the subject to"
                                                        "presentations) or dn-stats (an independent one: divisive "
                                                        "normalisation, mid-level statistics, correlated noise; "
                                                        "600 x 3, 8 presentations per test image)")):
-    """Simulate a subject: BData fMRI files (train, test_natural, test_shapes, test_letters) and stimulus images."""
+    """Simulate a subject: BData fMRI files (train, test_natural, test_shapes, test_letters, test_imagery with its
+    label map imagery_labels.tsv) and stimulus images."""
     from .nets import load_network
     from .simulate.subject import SubjectConfig, simulate_subject
 
@@ -172,7 +173,18 @@ def _read_config(path: Path) -> dict:
             data[key] = base / Path(str(data[key])).expanduser()
     if "test" in data:
         data["test"] = {k: str(base / Path(v).expanduser()) for k, v in _pairs(data["test"], "test", "NAME: PATH").items()}
+    if "labels" in data:
+        data["labels"] = {k: _label_map_spec(v, base) for k, v in _pairs(data["labels"], "labels", "NAME: TSV").items()}
     return data
+
+
+def _label_map_spec(spec: str, base: Path | None = None) -> str:
+    """A label map as given: a builtin name stays as it is, a file path becomes absolute (taken from ``base``)."""
+    from .data.labelmaps import BUILTIN_MAPS
+    if spec in BUILTIN_MAPS:
+        return spec
+    path = Path(spec).expanduser()
+    return str(((base / path) if base is not None and not path.is_absolute() else path).absolute())
 
 
 INPUT_OPT = dict(
@@ -209,6 +221,8 @@ def _settings_tree(file: dict, given: dict, sets: list[str] | None) -> tuple[dic
                 o = options.get(key)
                 if o is not None and o.kind == "pairs":
                     value = _pairs(value, o.flag if source == "cli" else key, f"NAME=VALUE, e.g. {o.flag} conv1=ROI_V1")
+                    if key == "labels" and source == "cli":   # label-map paths are taken from the working folder
+                        value = {k: _label_map_spec(v) for k, v in value.items()}
                 path = o.path if o is not None else (key,)
                 set_in(tree, path, parse_value(o, value) if o is not None else value)
                 if source == "cli":
@@ -337,7 +351,11 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="output folder"),
 
     # every setting is checked before the simulation starts
     settings = dict(settings)
-    cfg = _make_config(_settings_tree({}, settings, settings.pop("set_", None))[0])
+    tree = _settings_tree({}, settings, settings.pop("set_", None))[0]
+    # the simulated imagery file labels trials by number, as the lab's files do
+    tree.update(labels={"imagery": str((out / "subject" / "imagery_labels.tsv").absolute())},
+                exclude_labels=["fixation"])
+    cfg = _make_config(tree)
     seed, prior = cfg.seed, cfg.recon.prior
     try:
         sub_cfg = SubjectConfig(seed=seed, n_train_images=n_train, n_test_natural=n_test_natural,
@@ -446,7 +464,7 @@ def _judge_inputs(run_dir: Path, images: Optional[Path], which: str, pairs_per_i
     from .evaluate.judgment import JudgmentError, make_trials, run_images
     try:
         imgs = run_images(run_dir, images, which)
-        return imgs, make_trials(imgs.labels, pairs_per_image, seed)
+        return imgs, make_trials(imgs.labels, pairs_per_image, seed, families=imgs.families)
     except JudgmentError as e:
         _fail(str(e))
 

@@ -24,7 +24,8 @@ from pydantic.fields import FieldInfo
 from typer.core import TyperCommand
 
 # field -> (option name, inverted): historical option names the tests and users rely on
-RENAMED = {"layer_rois": ("layer_roi", False), "true_feature_recon": ("no_true_features", True)}
+RENAMED = {"layer_rois": ("layer_roi", False), "true_feature_recon": ("no_true_features", True),
+           "exclude_labels": ("exclude_label", False)}
 SET_HELP = ("any setting as DOTTED.PATH=VALUE, the value read as YAML, e.g. --set recon.fourier.lr=0.05 or "
             "--set executor_options='{n_workers: 4}' (repeatable; see docs/usage.md)")
 _SETTINGS_KEY = "brainrecon.settings"   # where a command's settings options wait for it (click context meta)

@@ -22,6 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from . import __version__
 from .cache import load_npy, load_npz, load_or_none, save_npy, save_npz, write_json
 from .data.bdata import FmriData, check_rois, read_fmri, roi_keys
+from .data.labelmaps import LabelMap, read_label_map
 from .data.stimuli import StimulusError, StimulusSet, load_stimulus_set, png_bytes
 from .decode.decoder import DecodedFeatures, DecoderConfig, FeatureDecoder, load_decoded, save_decoded
 from .decode.decoder import roi_for_layer as _roi_for_layer
@@ -69,6 +70,11 @@ class PipelineConfig(DecoderConfig):
                                                           "shown in the report (default: 0 and 5, 12.5, 25, 50% of "
                                                           "the iterations; 'none' for none)")
     pixel_baseline: bool = Field(True, description="also fit and score a linear pixel decoder (voxels -> 16x16 image, ROI and penalty by cross-validation) beside the reconstructions")
+    exclude_labels: list[str] = Field([], description="labels whose trials are left out of every test set, e.g. "
+                                                      "fixation (labels without images; repeatable)")
+    labels: dict[str, str] = Field({}, description="NAME=TSV: the image stem of each label of test set NAME, for "
+                                                   "files that label samples by number (TSV of label, image stem; "
+                                                   "builtin: dir-imagery, the DIR imagery experiment; repeatable)")
 
     @model_validator(mode="after")
     def _one_seed(self) -> "PipelineConfig":
@@ -100,9 +106,9 @@ class PipelineConfig(DecoderConfig):
         (fMRI files by path, size and time; ``images``: the identity of the stimulus images used).
 
         ``decoding_only``: the key of the decoded features: the decoding settings, network, image
-        size and ROI only (so runs that differ in reconstruction settings share them).
+        size, ROI and how test labels are read only (so runs that differ in reconstruction settings share them).
         """
-        decoding = set(DecoderConfig.model_fields) | {"network", "image_size", "roi"}
+        decoding = set(DecoderConfig.model_fields) | {"network", "image_size", "roi", "exclude_labels", "labels"}
         fields = (decoding if decoding_only else set(type(self).model_fields)) - EXECUTION
         if not decoding_only and self.recon.prior != "generator":
             fields -= {"generator"}
@@ -110,6 +116,24 @@ class PipelineConfig(DecoderConfig):
         recon = "" if decoding_only else self.recon.result_json()   # the chosen prior's settings only
         text = self.model_dump_json(include=fields - {"recon"}) + recon + json.dumps(ident) + images
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+IMAGERY_SET = "imagery"
+IMAGERY_MAP = "dir-imagery"
+
+
+def is_imagery(name: str, config: PipelineConfig) -> bool:
+    """A test set is scored as imagery when it is named ``imagery`` or read with the ``dir-imagery`` label map."""
+    return name == IMAGERY_SET or config.labels.get(name) == IMAGERY_MAP
+
+
+def label_maps(tests: dict[str, Path], config: PipelineConfig) -> dict[str, LabelMap]:
+    """The label map of each test set that has one (``config.labels``), read and checked."""
+    unknown = [n for n in config.labels if n not in tests]
+    if unknown:
+        raise PipelineError(f"--labels {unknown[0]}={config.labels[unknown[0]]}: no test set is named {unknown[0]} "
+                            f"(test sets: {', '.join(tests)}); name the test set as in --test NAME=PATH")
+    return {name: read_label_map(spec, option=f"--labels {name}={spec}") for name, spec in config.labels.items()}
 
 
 def snapshot_iterations(config: PipelineConfig) -> list[int]:
@@ -150,6 +174,7 @@ class TestSet:
     X: np.ndarray              # (n_labels, n_voxels) trial-averaged
     n_presentations: float
     images: np.ndarray = field(default=None)  # (n_labels, 3, S, S)
+    imagery: bool = False                      # scored as imagery (within families, beside perception)
 
 
 def load_inputs(train_path: Path, tests: dict[str, Path], images_dir: Path, config: PipelineConfig,
@@ -164,8 +189,9 @@ def load_inputs(train_path: Path, tests: dict[str, Path], images_dir: Path, conf
     index = {lab: i for i, lab in enumerate(train_labels)}
     image_index = np.array([index[lab] for lab in train.labels])
     sets = []
+    maps = label_maps(tests, config)
     for name, path in tests.items():
-        fmri = read_fmri(path, config.roi)
+        fmri = read_fmri(path, config.roi, label_map=maps.get(name), exclude=config.exclude_labels)
         if fmri.X.shape[1] != train.X.shape[1]:
             raise PipelineError(
                 f"{path} has {fmri.X.shape[1]} voxels in {config.roi} but the training file {train_path} has "
@@ -181,16 +207,23 @@ def load_inputs(train_path: Path, tests: dict[str, Path], images_dir: Path, conf
                                 "this test set with another")
         order = np.argsort(labels, kind="stable")  # a stable, readable order (labels sorted)
         X, labels = X[order], [labels[i] for i in order]
-        sets.append(TestSet(name, Path(path), fmri, labels, X, len(fmri.labels) / len(labels)))
+        sets.append(TestSet(name, Path(path), fmri, labels, X, len(fmri.labels) / len(labels),
+                            imagery=is_imagery(name, config)))
     log(f"train: {len(train.labels)} samples of {len(train_labels)} images, {train.X.shape[1]} voxels ({config.roi})")
     for s in sets:
         log(f"test '{s.name}': {len(s.labels)} images x {s.n_presentations:g} presentations")
     try:
         train_images = load_stimulus_set("train", images_dir, train_labels, config.image_size)
-        for s in sets:
-            s.images = load_stimulus_set(s.name, images_dir, s.labels, config.image_size).images
     except (FileNotFoundError, StimulusError) as err:
         raise PipelineError(str(err)) from None
+    for s in sets:
+        try:
+            s.images = load_stimulus_set(s.name, images_dir, s.labels, config.image_size).images
+        except FileNotFoundError as err:
+            raise PipelineError(f"test set '{s.name}' ({s.path}): {err} Trials of labels that have no image (fixation, "
+                                "rest) are left out with --exclude-label NAME (repeatable)") from None
+        except StimulusError as err:
+            raise PipelineError(str(err)) from None
     return train, image_index, train_labels, train_images, sets
 
 
@@ -228,6 +261,7 @@ def check_run(tests: dict[str, Path], out: Path, config: PipelineConfig) -> RunM
         raise PipelineError(f"test set name(s) {', '.join(map(repr, bad))}: use letters, digits, '_', '-' and '.' "
                             "(the name becomes a folder of the run), e.g. --test natural=test.h5")
     check_out_folder(Path(out))
+    label_maps(tests, config)
     try:
         network = load_network(config.network)
     except (ValueError, FileNotFoundError) as err:
@@ -277,7 +311,7 @@ def reliability_by_roi(path: Path, fmri: FmriData) -> dict[str, float]:
     """Median single-presentation test-retest r per ROI of a test file (and of the analysed ROI)."""
     out = {}
     for key in roi_keys(path):
-        sub = read_fmri(path, key)
+        sub = fmri.read_roi(key)
         r = retest_reliability(sub.X, sub.labels)
         if np.isfinite(r).any():
             out[key] = float(np.nanmedian(r))
@@ -387,7 +421,8 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
     torch.manual_seed(config.seed)
     log.stage("loading fMRI and images")
     train, image_index, train_labels, train_images, sets = load_inputs(train_path, tests, images_dir, config, log)
-    identity = "|".join([train_images.identity, *(StimulusSet(s.name, s.labels, s.images).identity for s in sets)])
+    identity = "|".join([train_images.identity, *(StimulusSet(s.name, s.labels, s.images).identity for s in sets),
+                         *(s.fmri.label_map.identity for s in sets if s.fmri.label_map is not None)])
     digest = config.digest([train_path, *tests.values()], images=identity)
     folder, settings = RunFolder(out), _describe(config, train_path, tests, images_dir)
     try:
@@ -413,6 +448,9 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
             images, choice = baselines[s.name]
             metrics[s.name].update(baseline_metrics(images, choice, s))
             shown[s.name][2]["pixel decoder"] = images
+    for s in sets:
+        if s.imagery:
+            metrics[s.name]["imagery"], shown[s.name][2]["perception"] = imagery_scores(s, sets, shown, log)
     log.stage("")
     write_json(folder.metrics, metrics)
     run_info = {"brainrecon": __version__, "config_digest": digest, "train": str(train_path),
@@ -438,7 +476,8 @@ def _run_set(s: TestSet, d: DecodedFeatures, models: RunModels, config: Pipeline
     if config.rescale:
         d = replace(d, features={k: rescale_decoded(v, d.train_mean[k].reshape(v.shape[1:]), d.channel_sd[k])
                                  for k, v in d.features.items()})
-    kinds = {"decoded": d, **({"true": replace(d, features=true)} if config.true_feature_recon else {})}
+    # imagery targets are images of the perception sets: their true features are the same, not reconstructed again
+    kinds = {"decoded": d, **({"true": replace(d, features=true)} if config.true_feature_recon and not s.imagery else {})}
     if first and config.unit_weighting == "reliability" and d.unit_r2:
         log(f"  reconstruction loss weighs units by decoding reliability in "
             f"{sum(k in d.unit_r2 for k in models.recon_layers)} of {len(models.recon_layers)} layers")
@@ -518,6 +557,40 @@ def set_metrics(s: TestSet, recs: dict[str, Reconstruction], accuracy: dict[str,
     if "true" in recs:
         entry.update(evaluate(recs["true"].images, s.images).summary("_true_features"))
     return entry
+
+
+def imagery_scores(s: TestSet, sets: list[TestSet], shown: dict, log: Log) -> tuple[dict, np.ndarray]:
+    """metrics.json's ``imagery`` entry of an imagery set (within-family scores beside the perception sets'
+    reconstructions of the same targets, and the per-ROI information bound), and those perception
+    reconstructions (n, 3, H, W), NaN for targets no perception set of the run holds."""
+    from .evaluate.imagery import information_bound, score_imagery
+
+    recon = shown[s.name][2]["decoded"]
+    perceived = {lab: (p, i) for p in sets if not p.imagery for i, lab in enumerate(p.labels)}
+    perception = np.full(recon.shape, np.nan, dtype=np.float32)
+    for i, lab in enumerate(s.labels):
+        if lab in perceived:
+            p, j = perceived[lab]
+            perception[i] = shown[p.name][2]["decoded"][j]
+    scores = score_imagery(recon, s.images, s.labels, perception)
+    held = [lab for lab in s.labels if lab in perceived]
+    if len(held) >= 2:
+        sources = {perceived[lab][0].name: perceived[lab][0] for lab in held}
+        shared = [k for k in roi_keys(s.path) if all(k in roi_keys(p.path) for p in sources.values())]
+        for key in shared:
+            X, labs = s.fmri.read_roi(key).average_by_label()
+            imagery = dict(zip(labs, X))
+            seen = {}
+            for p in sources.values():
+                X, labs = p.fmri.read_roi(key).average_by_label()
+                seen.update({lab: x for lab, x in zip(labs, X) if lab in imagery})
+            scores.information_bound[key] = information_bound(np.stack([imagery[lab] for lab in held]),
+                                                              np.stack([seen[lab] for lab in held]), held)
+    for f, fs in scores.families.items():
+        log(f"  imagery '{s.name}' {f}: pixel identification within the family {fs.pixel_identification:.3f}" +
+            ("" if fs.perception_pixel_identification is None else
+             f" (perception of the same targets {fs.perception_pixel_identification:.3f})"))
+    return scores.to_json(), perception
 
 
 def run_config_json(config: PipelineConfig, train_path: Path, tests: dict[str, Path], images_dir: Path) -> dict:

@@ -213,13 +213,20 @@ def name_to_stimulus_id(name: str) -> float:
 @dataclass
 class FmriData:
     """Voxel responses of one ROI: ``X`` (n_samples, n_voxels) float32, ``labels`` (n_samples,),
-    ``runs`` (n_samples,) int, ``voxel_xyz`` (n_voxels, 3) float (NaN if absent)."""
+    ``runs`` (n_samples,) int, ``voxel_xyz`` (n_voxels, 3) float (NaN if absent); ``label_map`` and
+    ``exclude``: how the file's labels were read (:func:`read_fmri`)."""
     X: np.ndarray
     labels: list[str]
     runs: np.ndarray
     voxel_xyz: np.ndarray
     roi: str
     path: Path
+    label_map: object = None
+    exclude: tuple[str, ...] = ()
+
+    def read_roi(self, roi: str) -> "FmriData":
+        """Another ROI of the same file, its labels read the same way (label map, excluded labels)."""
+        return read_fmri(self.path, roi, label_map=self.label_map, exclude=self.exclude)
 
     def average_by_label(self) -> tuple[np.ndarray, list[str]]:
         """Trials averaged per label -> ((n_labels, n_voxels), labels in order of first appearance)."""
@@ -249,8 +256,56 @@ def _labels(path, ds, keys, vals, vmap) -> list[str]:
                              f"/vmap/{key}; add them to the vmap (bdpy add_vmap)")
         if key != "stimulus_name":
             return [stimulus_id_to_name(float(x)) if np.isfinite(x) else "n/a" for x in v]
+    numbered = [name for name, _ in _label_columns(ds, keys, vals, vmap)]
+    if numbered:
+        raise BDataError(f"{path}: the samples are labelled by number only ({', '.join(dict.fromkeys(numbered))}); "
+                         "give the image of each number with a label map: --labels NAME=TSV (two columns: label, image "
+                         "stem; the DIR imagery experiment's map is builtin: --labels NAME=dir-imagery)")
     raise BDataError(f"{path}: no stimulus labels found (looked for 'stimulus_name' with a vmap, "
                      f"'stimulus_id', 'Label'); keys present: {keys}; add a stimulus_name column")
+
+
+LABEL_KEYS = ("stimulus_name", "imagery_image_index", "category_index", "Label", "stimulus_id")  # per-sample label columns
+
+
+def _label_columns(ds, keys, vals, vmap) -> list[tuple[str, list]]:
+    """Every per-sample column that may hold the labels, in the order tried: (key, values), values being
+    the vmap's names where the vmap names every value, else the numbers (NaN: None)."""
+    out = []
+    for key in LABEL_KEYS:
+        if key not in keys:
+            continue
+        m = vmap.get(key, {})
+        for col in np.flatnonzero(vals[keys.index(key)] == 1):
+            v = ds[:, int(col)]
+            finite = v[np.isfinite(v)]
+            if m and {float(x) for x in finite} <= set(m):
+                out.append((key, [m[float(x)] if np.isfinite(x) else None for x in v]))
+            else:
+                out.append((key, [float(x) if np.isfinite(x) else None for x in v]))
+    return out
+
+
+def _mapped_labels(path, ds, keys, vals, vmap, label_map) -> tuple[list[str], list]:
+    """(image stem, raw label) of every sample, through ``label_map``: the first label column whose every
+    label the map holds. Raises :class:`BDataError` naming the file and the map otherwise."""
+    from .labelmaps import format_label, label_key
+
+    columns = _label_columns(ds, keys, vals, vmap)
+    if not columns:
+        raise BDataError(f"{path}: no label column to look up in the label map {label_map.source} (looked for "
+                         f"{', '.join(LABEL_KEYS)}; keys present: {keys})")
+    for key, values in columns:
+        present = [v for v in values if v is not None]
+        stems = label_map.stems(present, str(path))
+        if stems is not None:
+            return [stems[label_key(v)] if v is not None else "n/a" for v in values], values
+    key, values = min(columns, key=lambda c: len(label_map.missing([v for v in c[1] if v is not None])))
+    missing = label_map.missing([v for v in values if v is not None])
+    shown = ", ".join(format_label(k) for k in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+    raise BDataError(f"{path}: {len(missing)} label(s) of its {key!r} column are not in the label map "
+                     f"{label_map.source}: {shown}; add a line 'label<TAB>image stem' for each to the map, or give "
+                     "the map of this experiment")
 
 
 def _roi_mask(path: Path, keys: list[str], vals: np.ndarray, roi: str) -> tuple[str, np.ndarray]:
@@ -283,9 +338,14 @@ def check_rois(path, rois) -> None:
             _roi_mask(path, keys, vals, roi)
 
 
-def read_fmri(path, roi: str = "ROI_VC") -> FmriData:
+def read_fmri(path, roi: str = "ROI_VC", label_map=None, exclude=()) -> FmriData:
     """Voxel responses of ``roi`` ("ROI_VC", "VC", or a union "ROI_V1+ROI_V2"), stimulus labels and
-    runs, reading only the needed columns of /dataset."""
+    runs, reading only the needed columns of /dataset.
+
+    ``label_map`` (a :class:`~brainrecon.data.labelmaps.LabelMap`): the image stem of each label of a
+    file that labels samples by number (every label of the file must be in it). ``exclude``: labels
+    whose samples are left out (image stems or the file's own labels, e.g. ``fixation`` or ``16``).
+    """
     path, f = _open(path)
     with f, _reading(path):
         ds, keys, _, vals, vmap = _parts(path, f)
@@ -293,7 +353,12 @@ def read_fmri(path, roi: str = "ROI_VC") -> FmriData:
         if ds.shape[0] == 0:
             raise BDataError(f"{path}: the file holds no samples (its dataset has 0 rows); pass a file with "
                              "the fMRI samples of at least one presentation")
-        labels = _labels(path, ds, keys, vals, vmap)
+        if label_map is not None:
+            labels, raw = _mapped_labels(path, ds, keys, vals, vmap, label_map)
+        else:
+            labels = _labels(path, ds, keys, vals, vmap)
+            raw = labels
+        keep = _kept(path, labels, raw, exclude)
         X = _read_columns(ds, idx)
         bad = ~np.isfinite(X)
         if bad.any():
@@ -307,7 +372,26 @@ def read_fmri(path, roi: str = "ROI_VC") -> FmriData:
             runs = runs.astype(np.int64)
         xyz = np.stack([vals[keys.index(k)][idx] if k in keys else np.full(idx.size, np.nan)
                         for k in ("voxel_x", "voxel_y", "voxel_z")], axis=1)
-    return FmriData(X, labels, runs, xyz, roi_name, path)
+    if not keep.all():
+        X, runs, labels = X[keep], runs[keep], [lab for lab, k in zip(labels, keep) if k]
+    return FmriData(X, labels, runs, xyz, roi_name, path, label_map, tuple(exclude))
+
+
+def _kept(path: Path, labels: list[str], raw: list, exclude) -> np.ndarray:
+    """(n_samples,) bool: samples whose label (image stem or the file's own label) is not excluded.
+    Raises :class:`BDataError` if no sample is left."""
+    keep = np.ones(len(labels), dtype=bool)
+    if not exclude:
+        return keep
+    from .labelmaps import label_key
+
+    dropped = {label_key(x) for x in exclude}
+    keep = np.array([label_key(lab) not in dropped and (r is None or label_key(r) not in dropped)
+                     for lab, r in zip(labels, raw)], dtype=bool)
+    if not keep.any():
+        raise BDataError(f"{path}: --exclude-label {', '.join(map(str, exclude))} leaves no sample; exclude only the "
+                         "labels without images (such as fixation)")
+    return keep
 
 
 def roi_keys(path) -> list[str]:

@@ -437,7 +437,7 @@ class FeatureDecoder:
             if roi == test.roi:
                 by_roi[roi] = X[order]
             else:
-                Xr, lr = read_fmri(test.path, roi).average_by_label()
+                Xr, lr = test.read_roi(roi).average_by_label()
                 by_roi[roi] = Xr[[lr.index(lab) for lab in labels]]
         return _TestInputs(labels, len(test.labels) / len(labels), by_roi)
 

@@ -21,7 +21,7 @@ import unicodedata
 import warnings
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -55,9 +55,11 @@ class Trial:
 
 @dataclass
 class RunImages:
-    """Where a run's reconstructions and stimuli are: ``recon[set][label]``, ``stimuli[set][label]`` (paths)."""
+    """Where a run's reconstructions and stimuli are: ``recon[set][label]``, ``stimuli[set][label]`` (paths);
+    ``families[set][label]``: the family of each target of an imagery set (trials stay within a family)."""
     recon: dict[str, dict[str, Path]]
     stimuli: dict[str, dict[str, Path]]
+    families: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def labels(self) -> dict[str, list[str]]:
@@ -98,17 +100,34 @@ def run_images(run_dir: Path, images: Path | None = None, which: str = "decoded"
         stimuli = {s: find_images(Path(images), list(v)) for s, v in recon.items()}
     except FileNotFoundError as e:
         raise JudgmentError(f"{e} (stimulus folder of {run_dir}; pass --images DIR if it moved)") from None
-    return RunImages(recon, stimuli)
+    return RunImages(recon, stimuli, imagery_families(run))
 
 
-def make_trials(labels: dict[str, list[str]], pairs_per_image: int | None = None, seed: int = 0) -> list[Trial]:
+def imagery_families(run: RunFolder) -> dict[str, dict[str, str]]:
+    """{set: {label: family}} of the run's imagery sets, from the ``imagery`` entries of its metrics.json."""
+    try:
+        metrics = json.loads(run.metrics.read_text()) if run.metrics.is_file() else {}
+    except (ValueError, OSError):
+        return {}
+    return {name: {lab: fam for fam, s in m["imagery"]["families"].items() for lab in s["labels"]}
+            for name, m in metrics.items() if isinstance(m, dict) and "families" in m.get("imagery", {})}
+
+
+def make_trials(labels: dict[str, list[str]], pairs_per_image: int | None = None, seed: int = 0,
+                families: dict[str, dict[str, str]] | None = None) -> list[Trial]:
     """Trials for every reconstruction: all other images of its set as distractors, or
-    ``pairs_per_image`` of them drawn at random (seeded), in set and label order."""
+    ``pairs_per_image`` of them drawn at random (seeded), in set and label order.
+
+    ``families``: {set: {label: family}} for imagery sets, whose distractors are drawn from the
+    label's own family only (imagined shapes against shapes, natural images against natural ones).
+    """
     rng = np.random.default_rng(seed)
     trials = []
+    families = families or {}
     for test_set, labs in labels.items():
+        fam = families.get(test_set, {})
         for label in labs:
-            others = [o for o in labs if o != label]
+            others = [o for o in labs if o != label and fam.get(o) == fam.get(label)]
             if pairs_per_image is not None and pairs_per_image < len(others):
                 if pairs_per_image < 1:
                     raise JudgmentError("pairs per image must be at least 1")

@@ -41,6 +41,20 @@ def accuracy_figure(results: dict[str, dict], x_axis: str) -> str:
     return uri
 
 
+def _imagery_table(results: dict[str, dict], names: list[str], sets: list[str]) -> str:
+    """Within-family pixel identification of the imagery sets per variant (the paper's ROI analysis of imagery)."""
+    cols = [(s, f) for s in sets for f in results[names[0]][s].get("imagery", {}).get("families", {})]
+    if not cols:
+        return ""
+    head = "".join(f"<th>{html.escape(s)}: {html.escape(f)}</th>" for s, f in cols)
+    rows = "".join(f"<tr><td>{html.escape(v)}</td>" + "".join(
+        f"<td>{results[v][s]['imagery']['families'][f]['pixel_identification']:.1%}</td>" for s, f in cols) + "</tr>"
+        for v in names)
+    return (f"<table><tr><th>variant</th>{head}</tr>{rows}</table><p class='sub'>Imagery: pixel identification "
+            "within each family of targets (imagined shapes among the shapes, natural images among the natural "
+            "ones; chance 50%).</p>")
+
+
 def write_comparison_report(path: Path, title: str, results: dict[str, dict], folders: dict[str, Path],
                             images_dir: Path, x_axis: str | None = None) -> None:
     """``results`` {variant: metrics}; reconstructions read from ``folders[variant]/recon/<set>/``."""
@@ -56,6 +70,7 @@ def write_comparison_report(path: Path, title: str, results: dict[str, dict], fo
     table = (f"<table><tr><th>variant</th>{head}<th>mean</th></tr>{''.join(rows)}</table>"
              "<p class='sub'>Pixel-correlation pairwise identification of the reconstructions from decoded features "
              "(chance 50%); the best per test set in bold. Each variant's own report is in its folder.</p>")
+    table += _imagery_table(results, names, sets)
     figure = f"<img src='{accuracy_figure(results, x_axis)}'>" if x_axis else ""
     sections = []
     for s in sets:

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..cache import write_text
 from ..data.stimuli import png_bytes
+from .imagery import imagery_html
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -163,6 +164,8 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
             rows.append(("true features", recons["true"]))
         if "pixel decoder" in recons:
             rows.append(("pixel decoder", recons["pixel decoder"]))
+        if "perception" in recons:    # an imagery set: the perception reconstructions of the same targets
+            rows.append(("perception", np.nan_to_num(recons["perception"], nan=0.5)))
         rel = m.get("test_retest_median_r", {})
         rel_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in rel.items())
         true = m.get("pixel_identification_true_features")
@@ -172,6 +175,7 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
             + (f"<div class='card'>from true features<br><span class='big'>{true:.1%}</span></div>" if true is not None else "")
             + f"<div class='card'>{m['n_images']} images x {m['n_presentations']:g} presentations</div>"
             + image_grid(rows, labels)
+            + (imagery_html(m["imagery"]) if "imagery" in m else "")
             + _evolution(labels, stimuli, recons)
             + (f"<details><summary>Voxel test-retest reliability (median single-presentation r per ROI)</summary>"
                f"<table><tr><th>ROI</th><th>median r</th></tr>{rel_rows}</table></details>" if rel else ""))

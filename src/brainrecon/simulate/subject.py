@@ -6,6 +6,9 @@ Output folder::
     test_natural.h5          held-out natural images x natural_reps
     test_shapes.h5           40 shapes x shapes_reps
     test_letters.h5          10 letters x letters_reps
+    test_imagery.h5          imagery of 25 targets (15 shapes, 10 natural test images) in imagery_runs runs, each
+                             target and one fixation trial per run, labelled by number like the lab's files
+    imagery_labels.tsv       the image stem of each imagery trial number (1-15 shapes, 16 fixation, 17-26 natural)
     images/<label>.png       every stimulus, labels as in the files' stimulus_name
     simulation.json          the configuration used
 
@@ -27,8 +30,9 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from ..data.bdata import BData, write_bdata
+from ..data.labelmaps import FIXATION_LABEL, IMAGERY_SHAPES
 from ..data.natural import natural_images
-from ..data.stimuli import letters, shapes
+from ..data.stimuli import StimulusSet, letters, shapes
 from .cortex import CortexConfig, SyntheticCortex
 from .statscortex import StatsCortex, StatsCortexConfig
 
@@ -37,6 +41,10 @@ MODELS = ("css-vgg", "dn-stats")
 MODEL_DESIGNS = {"css-vgg": {},
                  "dn-stats": {"n_train_images": 600, "train_reps": 3, "natural_reps": 8, "shapes_reps": 8,
                               "letters_reps": 8}}
+
+from .imagery import FIXATION, imagery_design, imagery_signal
+
+N_IMAGERY_NATURAL = 10   # natural test images among the imagery targets (trial numbers 17-26)
 
 
 class SubjectConfig(BaseModel):
@@ -49,6 +57,7 @@ class SubjectConfig(BaseModel):
     natural_reps: int = Field(24, ge=1)
     shapes_reps: int = Field(20, ge=1)
     letters_reps: int = Field(12, ge=1)
+    imagery_runs: int = Field(20, ge=1)       # imagery runs: each imagines every target once (+ one fixation trial)
     stimulus_size: int = Field(128, ge=16)    # pixels of the saved stimulus images
     images_per_run: int = Field(50, ge=1)
     cortex: CortexConfig = CortexConfig()            # model "css-vgg"
@@ -82,9 +91,10 @@ def presentation_order(n_images: int, reps: int, per_run: int, rng: np.random.Ge
     return np.array(idx), np.array(runs), np.array(blocks)
 
 
-def to_bdata(responses: np.ndarray, labels: list[str], runs: np.ndarray, blocks: np.ndarray,
-             cortex: SyntheticCortex) -> BData:
-    """BData in the layout of the lab's preprocessed files (VoxelData, ROI_*, voxel_xyz, Run, Block, stimulus_name)."""
+def to_bdata(responses: np.ndarray, labels: list[str] | None, runs: np.ndarray, blocks: np.ndarray,
+             cortex: SyntheticCortex, numbers: np.ndarray | None = None) -> BData:
+    """BData in the layout of the lab's preprocessed files (VoxelData, ROI_*, voxel_xyz, Run, Block, and
+    stimulus_name with a vmap, or with ``numbers`` a numeric ``Label`` as the lab's imagery files)."""
     n, v = responses.shape
     b = BData(dataset=np.zeros((n, 0)), metadata={}, vmap={})
     b.add(responses, "VoxelData", "fMRI voxel responses")
@@ -96,6 +106,9 @@ def to_bdata(responses: np.ndarray, labels: list[str], runs: np.ndarray, blocks:
         b.add_metadata(f"voxel_{axis}", vox.xyz[:, k].astype(float), f"voxel {axis} coordinate (mm)", where="VoxelData")
     b.add(runs.astype(float), "Run", "run number")
     b.add(blocks.astype(float), "Block", "block number within run")
+    if numbers is not None:
+        b.add(np.asarray(numbers, dtype=float), "Label", "imagery trial type (1-15 shapes, 16 fixation, 17-26 natural)")
+        return b
     unique = list(dict.fromkeys(labels))
     code = {lab: float(i + 1) for i, lab in enumerate(unique)}
     b.add(np.array([code[lab] for lab in labels]), "stimulus_name", "stimulus name (see vmap)")
@@ -135,5 +148,36 @@ def simulate_subject(out: Path, config: SubjectConfig, network,
         path = out / ("train.h5" if name == "train" else f"test_{name}.h5")
         write_bdata(path, to_bdata(responses, labels, runs, blocks, cortex))
         paths[name] = path
+    paths["imagery"] = simulate_imagery(out, natural, cortex, config, rng, progress)
     (out / "simulation.json").write_text(json.dumps(config.model_dump(), indent=2))
     return paths
+
+
+def imagery_targets(natural: StimulusSet, size: int) -> tuple[list[int], StimulusSet]:
+    """The imagery targets in the lab's numbering: (trial numbers, images); 1-15 the shapes, 17-26 the
+    first (up to) ten natural test images."""
+    shape_set = shapes(size)
+    by_label = dict(zip(shape_set.labels, shape_set.images))
+    k = min(N_IMAGERY_NATURAL, len(natural))
+    labels = list(IMAGERY_SHAPES) + natural.labels[:k]
+    images = np.stack([by_label[lab] for lab in IMAGERY_SHAPES] + list(natural.images[:k]))
+    numbers = list(range(1, len(IMAGERY_SHAPES) + 1)) + list(range(FIXATION + 1, FIXATION + 1 + k))
+    return numbers, StimulusSet("imagery", labels, images)
+
+
+def simulate_imagery(out: Path, natural: StimulusSet, cortex: SyntheticCortex, config: SubjectConfig,
+                     rng: np.random.Generator, progress: Callable[[str], None] = print) -> Path:
+    """Write ``test_imagery.h5`` and its label map ``imagery_labels.tsv`` (the cortex must have seen the
+    training images); returns the BData file's path."""
+    numbers, targets = imagery_targets(natural, config.stimulus_size)
+    progress(f"simulating fMRI: imagery ({len(targets)} targets + fixation x {config.imagery_runs} runs)")
+    perception = cortex.signal(torch.from_numpy(np.round(targets.images * 255) / 255).float())
+    design = imagery_design(numbers, config.imagery_runs, rng)
+    signal, _ = imagery_signal(perception, cortex.voxels.roi, design.target, rng)
+    responses = (cortex.measure(signal, rng, runs=design.runs, blocks=design.blocks) if config.model == "dn-stats"
+                 else cortex.measure(signal, rng))
+    path = out / "test_imagery.h5"
+    write_bdata(path, to_bdata(responses, None, design.runs, design.blocks, cortex, numbers=design.number))
+    rows = [(n, lab) for n, lab in zip(numbers, targets.labels)] + [(FIXATION, FIXATION_LABEL)]
+    (out / "imagery_labels.tsv").write_text("".join(f"{n}\t{lab}\n" for n, lab in sorted(rows)))
+    return path
