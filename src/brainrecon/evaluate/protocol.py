@@ -332,8 +332,9 @@ def _nsd_module(evaluation: Evaluation):
     try:
         from . import nsd
     except ImportError as e:
-        evaluation.skipped["nsd"] = (f"the NSD protocol is not installed in this brainrecon ({e}); "
-                                     "the Kamitani protocol ran")
+        missing = isinstance(e, ModuleNotFoundError) and e.name == f"{__package__}.nsd"
+        evaluation.skipped["nsd"] = ("this installation of brainrecon has no NSD protocol (brainrecon.evaluate.nsd)"
+                                     if missing else f"the NSD protocol could not be loaded ({e})")
         return None
     return nsd
 

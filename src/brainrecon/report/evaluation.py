@@ -190,3 +190,12 @@ def evaluation_section(evaluation: dict, folder: RunFolder) -> str:
            if grids else "")
         + f"<details><summary>Every metric (evaluation.json, metrics.csv)</summary>{metrics_table(evaluation)}</details>"
         + (f"<p class='sub'>Not evaluated:</p><ul>{skipped}</ul>" if skipped else ""))
+
+
+def update_report(evaluation: dict, run_dir: Path) -> bool:
+    """Put ``evaluation``'s section into run ``run_dir``'s report.html; False if the run has no report."""
+    from .html import replace_evaluation
+    folder = RunFolder(Path(run_dir))
+    if not folder.report.is_file():
+        return False
+    return replace_evaluation(folder.report, evaluation_section(evaluation, folder))
