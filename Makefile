@@ -22,6 +22,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	-$(PIP) install bdpy
 	# fastl2lir 0.11 is the oracle of tests/test_selection.py; its voxel selection needs numpy < 2.4
 	-$(PIP) install fastl2lir==0.11 "numpy<2.4"
+	# headless Chromium and its driver for the judgment app's browser test (Debian packages, as root;
+	# the test is skipped where they cannot be installed)
+	-command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	touch $@
 
 install: $(VENV)/.installed
