@@ -47,7 +47,7 @@ def run_dir(tmp_path):
 
 @pytest.fixture
 def browser(tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver_path = shutil.which("chromedriver")
     if not chromium or not driver_path:
         pytest.skip("Chromium and chromium-driver are not installed (make install-test installs them with apt-get)")
