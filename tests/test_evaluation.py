@@ -211,3 +211,31 @@ def test_cli_evaluate_writes_both_files_and_names_what_it_skipped(mini_run, tmp_
     empty.mkdir()
     missing = CliRunner().invoke(app, ["evaluate", str(empty)])
     assert missing.exit_code == 2 and "config.json" in missing.output and "finished" in missing.output
+
+
+def test_scored_judgments_merge_into_the_evaluation_and_the_report(mini_run):
+    from scipy.stats import binomtest
+
+    from brainrecon.evaluate.protocol import merge_human
+    from brainrecon.report.evaluation import update_report
+    run, _ = mini_run
+    evaluate_run(run, n_boot=200, n_perm=99, n_way_draws=50)
+    labels = sorted(p.stem for p in (run / "recon" / "natural").glob("*.png"))
+    per_image = dict(zip(labels, [1.0, 0.8, 0.6, 1.0, 0.4, 0.8]))
+    (run / "human_judgment.json").write_text(json.dumps({"natural": {
+        "human_identification": 0.7666666666666667, "n_judgments": 30, "per_image": per_image}}))
+    ev = merge_human(run)
+    human = ev.get("natural", "decoded", "human_identification")
+    assert human.value == pytest.approx(np.mean(list(per_image.values())))
+    assert human.ci_low < human.value < human.ci_high
+    assert human.p_value == pytest.approx(binomtest(23, 30, 0.5, alternative="greater").pvalue)
+    assert ev.get("letters", "decoded", "human_identification") is None
+    rows = (run / "metrics.csv").read_text()
+    assert "natural,decoded,gd,kamitani,human_identification,identification,0.766667" in rows
+    assert len(merge_human(run).results) == len(ev.results)                  # merged again: replaced, not added
+    (run / "report.html").write_text("<!doctype html><html><body><h1>report</h1></body></html>")
+    assert update_report(ev.to_json(), run)
+    page = (run / "report.html").read_text()
+    assert "<h1>report</h1>" in page and "Evaluation with uncertainty" in page and "retrieval baseline" in page
+    assert "nearest training" in page and page.count("<!--evaluation-->") == 1
+    assert update_report(ev.to_json(), run) and (run / "report.html").read_text() == page     # replaced in place

@@ -595,6 +595,14 @@ def score(run_dir: Path = typer.Argument(..., help="folder of the run the judgme
     write_json(out, scores)
     write_json(metrics_path, metrics)
     _say(f"wrote {out} and {metrics_path}")
+    from .evaluate.protocol import merge_human
+    from .report.evaluation import update_report
+    evaluation = merge_human(run_dir, which)
+    if evaluation is None:
+        _say(f"(brainrecon evaluate {run_dir} adds intervals and the report's evaluation section)")
+    else:
+        _say(f"updated {RunFolder(run_dir).evaluation}, {RunFolder(run_dir).metrics_csv}" +
+             (f" and {RunFolder(run_dir).report}" if update_report(evaluation.to_json(), run_dir) else ""))
 
 
 def main() -> None:  # pragma: no cover

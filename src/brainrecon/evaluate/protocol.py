@@ -328,6 +328,38 @@ def evaluate_run(run_dir: str | Path, protocol: Protocol = "kamitani", weights: 
     return evaluation
 
 
+def merge_human(run_dir: str | Path, which: str = "decoded", n_boot: int | None = None,
+                seed: int | None = None) -> Evaluation | None:
+    """Replace the human-judgment rows of a run's evaluation.json (and metrics.csv) with those of its
+    scored judgments (``brainrecon judge score`` writes them); None if the run has no evaluation.json.
+    The bootstrap settings are the evaluation's own unless given."""
+    folder = RunFolder(Path(run_dir))
+    data = folder.read_json(folder.evaluation)
+    if not data.get("results"):
+        return None
+    fields = set(Estimate.__dataclass_fields__)
+    results = [Estimate(**{k: v for k, v in r.items() if k in fields}) for r in data["results"]]
+    settings = data.get("settings", {})
+    n_boot = n_boot or settings.get("n_bootstrap", 2000)
+    seed = settings.get("seed", 0) if seed is None else seed
+    source = SOURCES[which]
+    results = [r for r in results if not (r.metric == "human_identification" and r.source == source)]
+    for test_set in dict.fromkeys(r.test_set for r in results):
+        own = next((r for r in results if (r.test_set, r.source, r.metric) == (test_set, source, "pixel_identification")),
+                   None)
+        human = _human(folder, which, test_set, list(own.per_image)) if own else None
+        if human:
+            est = estimate(human[0], list(own.per_image), test_set, source, n_boot, 0, seed)
+            est.p_value, est.resampled = human[1], "images' values; p: one-sided binomial test of the judgments"
+            results.insert(results.index(own) + 1, est)
+    evaluation = Evaluation(data.get("run", str(folder.root)), data.get("subject", ""), data.get("roi", ""),
+                            data.get("method", ""), data.get("protocols", []), settings, results,
+                            data.get("retrieval", {}), data.get("skipped", {}))
+    write_json(folder.evaluation, evaluation.to_json())
+    write_text(folder.metrics_csv, evaluation.csv_text())
+    return evaluation
+
+
 def _nsd_module(evaluation: Evaluation):
     try:
         from . import nsd
