@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Mapping
@@ -160,15 +159,16 @@ def estimate(m: MetricValues, labels: list[str], test_set: str, source: str, n_b
     """
     v = np.asarray(m.per_image, np.float64)
     ok = np.isfinite(v)
-    if m.scores is not None and m.n_way == 2:
-        lo, hi = bootstrap_identification(m.scores, n_boot, seed, level)
+    scores, n_way = getattr(m, "scores", None), getattr(m, "n_way", 2)    # metrics of other modules may lack them
+    if scores is not None and n_way == 2:
+        lo, hi = bootstrap_identification(scores, n_boot, seed, level)
         resampled = "images, identification recomputed among the resampled images"
     else:
         lo, hi = bootstrap_mean(v, n_boot, seed, level)
         resampled = "images' values"
     p = None
-    if m.kind == "identification" and m.scores is not None:
-        p = permutation_p(m.scores, m.n_way, n_perm, seed)
+    if m.kind == "identification" and scores is not None:
+        p = permutation_p(scores, n_way, n_perm, seed)
     return Estimate(test_set, source, m.name, m.kind, m.protocol, m.higher_is_better, float(v[ok].mean()),
                     lo, hi, int(ok.sum()), p, resampled,
                     {lab: float(x) for lab, x, good in zip(labels, v, ok) if good})
@@ -225,6 +225,14 @@ def _run_settings(folder: RunFolder) -> dict:
 def _human(folder: RunFolder, which: str, test_set: str, labels: list[str]) -> tuple[MetricValues, float] | None:
     """Human identification per image from the scored judgments (``judge score``), and its binomial p."""
     scores = folder.read_json(folder.human_scores(which)).get(test_set)
+    if not scores and folder.answers(which).is_file():       # answers not scored yet: every pair, as served by default
+        from .judgment import make_trials, read_answers, score_answers
+        try:
+            scores = score_answers(make_trials({test_set: labels}),
+                                   [a for a in read_answers(folder.answers(which), warn=lambda msg: None)
+                                    if a.get("test_set", str(a["trial"]).split("/")[0]) == test_set]).get(test_set)
+        except JudgmentError:                                # another draw of pairs: `judge score` with its options
+            return None
     if not scores or "per_image" not in scores:
         return None
     per = np.array([scores["per_image"].get(lab, np.nan) for lab in labels], np.float64)
