@@ -213,6 +213,24 @@ def test_cli_evaluate_writes_both_files_and_names_what_it_skipped(mini_run, tmp_
     assert missing.exit_code == 2 and "config.json" in missing.output and "finished" in missing.output
 
 
+def test_answers_not_yet_scored_count_as_human_judgment(mini_run):
+    from brainrecon.evaluate.judgment import answer_record, append_answer, make_trials
+    run, _ = mini_run
+    labels = sorted(p.stem for p in (run / "recon" / "natural").glob("*.png"))
+    trials = make_trials({"natural": labels})
+    answers = run / "judgments" / "answers.jsonl"
+    answers.parent.mkdir(exist_ok=True)
+    for i, t in enumerate(trials):                        # right on the first 20 of 30 pairs
+        append_answer(answers, answer_record(t, "ann", t.label if i < 20 else t.distractor, True))
+    try:
+        ev = evaluate_run(run, n_boot=200, n_perm=99, n_way_draws=50)
+    finally:
+        answers.unlink()
+    human = ev.get("natural", "decoded", "human_identification")
+    assert human.value == pytest.approx(np.mean([min(max(20 - 5 * i, 0), 5) / 5 for i in range(6)]))
+    assert human.n == 6 and ev.get("letters", "decoded", "human_identification") is None
+
+
 def test_scored_judgments_merge_into_the_evaluation_and_the_report(mini_run):
     from scipy.stats import binomtest
 
