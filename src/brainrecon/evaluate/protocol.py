@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Mapping
@@ -271,6 +272,7 @@ def evaluate_run(run_dir: str | Path, protocol: Protocol = "kamitani", weights: 
     EvaluationError : the folder is not a finished run, or ``protocol`` is unknown.
     """
     log = log or (lambda msg: None)
+    t0 = time.time()
     if protocol not in PROTOCOLS:
         raise EvaluationError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     folder = RunFolder(Path(run_dir))
@@ -330,6 +332,7 @@ def evaluate_run(run_dir: str | Path, protocol: Protocol = "kamitani", weights: 
                               "`brainrecon run` or `brainrecon demo`")
     if kamitani and retrieval:
         _retrieval(evaluation, folder, config, run_info, images, network, layers, shown, n_boot, n_perm, seed, log)
+    evaluation.settings["seconds"] = round(time.time() - t0, 1)
     write_json(folder.evaluation, evaluation.to_json())
     write_text(folder.metrics_csv, evaluation.csv_text())
     log(f"wrote {folder.evaluation} and {folder.metrics_csv}")
