@@ -297,7 +297,7 @@ def evaluate_run(run_dir: str | Path, protocol: Protocol = "kamitani", weights: 
     if nsd is not None:
         evaluation.protocols.append("nsd")
 
-    shown: dict[str, dict[str, tuple[list[str], np.ndarray, np.ndarray]]] = {}
+    shown: dict[str, dict[str, tuple]] = {}     # set -> source -> (labels, recons, stimuli, feature scores)
     for which in [w for w in RECON_FOLDERS if folder.recon_dir(w).is_dir()]:
         try:
             imgs = run_images(folder.root, images, which)
@@ -309,12 +309,13 @@ def evaluate_run(run_dir: str | Path, protocol: Protocol = "kamitani", weights: 
             recons = np.stack([_read_png(paths[lab]) for lab in labels])
             from ..data.stimuli import load_image
             stimuli = np.stack([load_image(imgs.stimuli[test_set][lab], recons.shape[-1]) for lab in labels])
-            shown.setdefault(test_set, {})[source] = (labels, recons, stimuli)
             log(f"  evaluating '{test_set}' ({source}, {len(labels)} images)")
             metrics: list[tuple[MetricValues, float | None]] = []
+            features = feature_scores(network, recons, stimuli, layers) if kamitani else {}
+            shown.setdefault(test_set, {})[source] = (labels, recons, stimuli, features)
             if kamitani:
                 metrics += [(m, None) for m in kamitani_metrics(recons, stimuli, network, layers, N_WAY,
-                                                                n_way_draws, seed)]
+                                                                n_way_draws, seed, features)]
                 human = _human(folder, which, test_set, labels)
                 if human:
                     metrics.append(human)
@@ -401,10 +402,10 @@ def _retrieval(evaluation: Evaluation, folder: RunFolder, config: dict, run_info
     if decoded is None:
         evaluation.skipped["retrieval_baseline"] = ("the run's decoded features are not in its cache "
                                                     f"({folder.cache}): rerun the run to make them")
-    size = next(iter(next(iter(shown.values())).values()))[1].shape[-1]
+    size = next(iter(next(iter(shown.values())).values()))[1].shape[-1]     # the reconstructions' size
     pixel_q, feature_q = {}, {}
     for test_set, by_source in shown.items():
-        for source, (labels, recons, stimuli) in by_source.items():
+        for source, (labels, recons, stimuli, _) in by_source.items():
             pixel_q[f"{test_set}/{source}"] = recons
             if source == "decoded":
                 feature_q[f"{test_set}/{source}"] = extract_features(network, recons, layers)
@@ -416,15 +417,13 @@ def _retrieval(evaluation: Evaluation, folder: RunFolder, config: dict, run_info
     sim = similarity_to_training(paths, size, pixel_q, feature_q, network)
     for test_set, by_source in shown.items():
         entry = evaluation.retrieval.setdefault(test_set, {})
-        for source, (labels, recons, stimuli) in by_source.items():
+        for source, (labels, recons, stimuli, features) in by_source.items():
             key = f"{test_set}/{source}"
             stim_px = np.diag(correlation_matrix(recons, stimuli))
             feat_r = stim_ft = None
             if key in sim.features:
                 feat_r = sim.feature_mean(key)
-                stim_feats = extract_features(network, stimuli, list(feature_q[key]))
-                stim_ft = np.mean([np.diag(correlation_matrix(v, stim_feats[k])) for k, v in feature_q[key].items()],
-                                  axis=0)
+                stim_ft = np.mean([np.diag(features[k]) for k in feature_q[key]], axis=0)   # r with own stimulus
             near = nearest_training(labels, sim.labels, sim.pixels[key], stim_px, feat_r, stim_ft)
             beats = np.array([n.stimulus_beats_training_pixel for n in near], np.float64)
             evaluation.results.append(estimate(MetricValues("stimulus_beats_training_pixel", "similarity", beats, True,
@@ -438,7 +437,7 @@ def _retrieval(evaluation: Evaluation, folder: RunFolder, config: dict, run_info
                              "train_paths": {n.nearest_pixel: str(paths[n.nearest_pixel]) for n in near}}
         key = f"{test_set}/decoded_features"
         if key in sim.features:
-            labels, _, stimuli = by_source["decoded"] if "decoded" in by_source else next(iter(by_source.values()))
+            labels, _, stimuli, _ = by_source["decoded"] if "decoded" in by_source else next(iter(by_source.values()))
             answers = retrieval_answers(sim.feature_mean(key), sim.labels)
             retrieved = np.stack([load_image(paths[a], size) for a in answers])
             m = _identification("retrieval_baseline_pixel_identification", correlation_matrix(retrieved, stimuli))
