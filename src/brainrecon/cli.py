@@ -462,7 +462,8 @@ def evaluate(run_dir: Path = typer.Argument(..., help="folder of a finished run 
         for what, why in evaluation.skipped.items():
             _warn(f"{what} not evaluated: {why}")
         if update_report(evaluation.to_json(), run_dir):
-            _say(f"updated {run_dir / 'report.html'}")
+            from .runfolder import RunFolder
+            _say(f"updated {RunFolder(run_dir).report}")
         return evaluation
 
     evaluation = _run_guarded(work, run_dir)
