@@ -304,7 +304,9 @@ def evaluate_run(run_dir: str | Path, protocol: Protocol = "kamitani", weights: 
         except JudgmentError as e:
             raise EvaluationError(str(e)) from None
         source = SOURCES[which]
-        for test_set, paths in imgs.recon.items():
+        order = list(config.get("test") or {}) if isinstance(config.get("test"), dict) else []
+        rank = {name: i for i, name in enumerate(order)}
+        for test_set, paths in sorted(imgs.recon.items(), key=lambda kv: rank.get(kv[0], len(rank))):
             labels = list(paths)
             recons = np.stack([_read_png(paths[lab]) for lab in labels])
             from ..data.stimuli import load_image
