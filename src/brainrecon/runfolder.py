@@ -101,7 +101,8 @@ class RunFolder:
     def outputs(self) -> list[Path]:
         """What a run writes outside its cache (present ones)."""
         paths = [self.config, self.run_info, self.metrics, self.evaluation, self.metrics_csv, self.report,
-                 self.recon_dir("decoded"), self.recon_dir("true"), self.root / "recon_snapshots", *self.root.glob("human_judgment*.json")]
+                 self.recon_dir("decoded"), self.recon_dir("true"), self.root / "recon_snapshots",
+                 *self.root.glob("human_judgment*.json")]
         return [p for p in paths if p.exists()]
 
     def claim(self, digest: str, describe: dict, overwrite: bool = False) -> bool:
