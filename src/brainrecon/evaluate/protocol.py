@@ -24,6 +24,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import binomtest
 
 from ..cache import write_json, write_text
+from ..data.stimuli import load_image
 from ..runfolder import RECON_FOLDERS, RunFolder
 from .identification import correlation_matrix
 from .judgment import JudgmentError, run_images
@@ -290,7 +291,10 @@ def evaluate_run(run_dir: str | Path, protocol: Protocol = "kamitani", weights: 
     network, layers = None, []
     if kamitani:
         from ..nets import load_network
-        network = load_network(config.get("network", "hed-vgg16"))
+        try:
+            network = load_network(config.get("network", "hed-vgg16"))
+        except (ValueError, FileNotFoundError) as e:
+            raise EvaluationError(f"the run's network ({folder.config}): {e}") from None
         layers = list(config.get("layers") or network.layer_names)
         evaluation.protocols.append("kamitani")
     nsd = _nsd_module(evaluation) if protocol in ("nsd", "all") else None
@@ -309,7 +313,6 @@ def evaluate_run(run_dir: str | Path, protocol: Protocol = "kamitani", weights: 
         for test_set, paths in sorted(imgs.recon.items(), key=lambda kv: rank.get(kv[0], len(rank))):
             labels = list(paths)
             recons = np.stack([_read_png(paths[lab]) for lab in labels])
-            from ..data.stimuli import load_image
             stimuli = np.stack([load_image(imgs.stimuli[test_set][lab], recons.shape[-1]) for lab in labels])
             log(f"  evaluating '{test_set}' ({source}, {len(labels)} images)")
             metrics: list[tuple[MetricValues, float | None]] = []
@@ -389,7 +392,7 @@ def _retrieval(evaluation: Evaluation, folder: RunFolder, config: dict, run_info
                network, layers: list[str], shown: dict, n_boot: int, n_perm: int, seed: int, log) -> None:
     """The retrieval check of every test set (see :mod:`.retrieval`), into ``evaluation``."""
     from ..data.bdata import BDataError, read_fmri
-    from ..data.stimuli import find_images, load_image
+    from ..data.stimuli import find_images
     from ..nets.features import extract_features
     from .retrieval import nearest_training, retrieval_answers, similarity_to_training
 
