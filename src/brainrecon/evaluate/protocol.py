@@ -378,11 +378,13 @@ def merge_human(run_dir: str | Path, which: str = "decoded", n_boot: int | None 
 
 
 def _nsd_module(evaluation: Evaluation):
+    import importlib
     try:
-        from . import nsd
+        nsd = importlib.import_module(f"{__package__}.nsd")
     except ImportError as e:
         missing = isinstance(e, ModuleNotFoundError) and e.name == f"{__package__}.nsd"
-        evaluation.skipped["nsd"] = ("this installation of brainrecon has no NSD protocol (brainrecon.evaluate.nsd)"
+        evaluation.skipped["nsd"] = ("this installation of brainrecon has no NSD protocol (brainrecon.evaluate.nsd): "
+                                     "install a release that has it, or use --protocol kamitani"
                                      if missing else f"the NSD protocol could not be loaded ({e})")
         return None
     return nsd
