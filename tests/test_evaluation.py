@@ -257,3 +257,25 @@ def test_scored_judgments_merge_into_the_evaluation_and_the_report(mini_run):
     assert "<h1>report</h1>" in page and "Evaluation with uncertainty" in page and "retrieval baseline" in page
     assert "nearest training" in page and page.count("<!--evaluation-->") == 1
     assert update_report(ev.to_json(), run) and (run / "report.html").read_text() == page     # replaced in place
+
+
+def test_judge_score_merges_into_the_evaluation_and_re_renders_the_report(mini_run):
+    from brainrecon.evaluate.judgment import answer_record, append_answer, make_trials
+    run, _ = mini_run
+    evaluate_run(run, n_boot=200, n_perm=99, n_way_draws=50)
+    (run / "report.html").write_text("<!doctype html><html><body><h1>report</h1><!--evaluation--><!--/evaluation-->"
+                                     "</body></html>")
+    labels = sorted(p.stem for p in (run / "recon" / "letters").glob("*.png"))
+    answers = run / "judgments" / "answers.jsonl"
+    answers.parent.mkdir(exist_ok=True)
+    answers.unlink(missing_ok=True)
+    for t in make_trials({"letters": labels}):                 # every pair right except those of the first letter
+        append_answer(answers, answer_record(t, "bo", t.distractor if t.label == labels[0] else t.label, False))
+    result = CliRunner().invoke(app, ["judge", "score", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "evaluation.json" in result.output and "report.html" in result.output
+    rows = json.loads((run / "evaluation.json").read_text())["results"]
+    human = next(r for r in rows if (r["test_set"], r["source"], r["metric"]) == ("letters", "decoded", "human_identification"))
+    assert human["value"] == pytest.approx(0.9) and human["per_image"][labels[0]] == 0.0 and human["n"] == 10
+    page = (run / "report.html").read_text()
+    assert "human <span class='big'>90.0%" in page and page.count("<!--evaluation-->") == 1
