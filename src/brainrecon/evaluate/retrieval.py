@@ -12,7 +12,8 @@ Two questions, over the run's training images (the stimuli of the training fMRI)
   shows no more than a decoder that picks a training image.
 
 Training images are streamed in batches (pixels and one forward pass per batch); the queries'
-features are held in memory (queries x units per layer).
+standardised features are held in memory (float32, queries x units per layer), in groups of layers
+that fit a memory budget: one pass over the training images per group.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 
 from ..data.stimuli import load_image
-from .identification import _standardise_rows
 
 
 @dataclass
@@ -46,9 +46,34 @@ class TrainingSimilarity:
         return np.mean(list(self.features[key].values()), axis=0)
 
 
+def _z32(a: np.ndarray) -> np.ndarray:
+    """Rows (flattened) centred and scaled to unit norm, float32: their dot products are Pearson r."""
+    a = np.asarray(a, np.float32).reshape(len(a), -1)
+    a = a - a.mean(1, keepdims=True)
+    norm = np.linalg.norm(a, axis=1, keepdims=True)
+    return a / np.where(norm > 0, norm, 1.0)
+
+
+def _layer_groups(feature_queries: dict[str, dict[str, np.ndarray]], max_bytes: float) -> list[list[str]]:
+    """Layers in network order (as first met), grouped so that each group's queries (float32) fit in ``max_bytes``."""
+    size: dict[str, float] = {}
+    for q in feature_queries.values():
+        for layer, a in q.items():
+            size[layer] = size.get(layer, 0.0) + 4.0 * a.size
+    groups, total = [[]], 0.0
+    for layer, b in size.items():
+        if groups[-1] and total + b > max_bytes:
+            groups.append([])
+            total = 0.0
+        groups[-1].append(layer)
+        total += b
+    return [g for g in groups if g]
+
+
 @torch.inference_mode()
 def similarity_to_training(paths: dict[str, Path], size: int, pixel_queries: dict[str, np.ndarray],
-                           feature_queries: dict[str, dict[str, np.ndarray]], network=None, batch_size: int = 32,
+                           feature_queries: dict[str, dict[str, np.ndarray]], network=None, batch_size: int = 16,
+                           max_bytes: float = 2e9,
                            progress: Callable[[int, int], None] | None = None) -> TrainingSimilarity:
     """Correlations of queries with the training images ``paths`` ({label: file}, loaded at ``size``).
 
@@ -57,26 +82,31 @@ def similarity_to_training(paths: dict[str, Path], size: int, pixel_queries: dic
     pixel_queries : {name: (m, 3, size, size)} images compared pixel by pixel.
     feature_queries : {name: {layer: (m, *unit_shape)}} features compared with the training images'
         features of the same layers through ``network`` (needed if any).
+    max_bytes : memory for the standardised feature queries: layers are taken in groups that fit, one
+        pass over the training images per group (one pass in all at small image sizes).
     """
     labels = list(paths)
-    px = {k: _standardise_rows(v) for k, v in pixel_queries.items()}
-    layers = sorted({layer for q in feature_queries.values() for layer in q})
-    ft = {k: {layer: _standardise_rows(a) for layer, a in q.items()} for k, q in feature_queries.items()}
+    px = {k: _z32(v) for k, v in pixel_queries.items()}
     out_px = {k: np.zeros((len(v), len(labels))) for k, v in px.items()}
-    out_ft = {k: {layer: np.zeros((len(a), len(labels))) for layer, a in q.items()} for k, q in ft.items()}
-    for s in range(0, len(labels), batch_size):
-        batch = np.stack([load_image(paths[lab], size) for lab in labels[s:s + batch_size]])
-        z = _standardise_rows(batch)
-        for k, q in px.items():
-            out_px[k][:, s:s + len(batch)] = q @ z.T
-        if layers:
-            feats = network(torch.from_numpy(batch).float(), layers)
-            zf = {layer: _standardise_rows(feats[layer].numpy()) for layer in layers}
-            for k, q in ft.items():
-                for layer, a in q.items():
-                    out_ft[k][layer][:, s:s + len(batch)] = a @ zf[layer].T
-        if progress:
-            progress(min(s + batch_size, len(labels)), len(labels))
+    out_ft = {k: {layer: np.zeros((len(a), len(labels))) for layer, a in q.items()} for k, q in feature_queries.items()}
+    groups = _layer_groups(feature_queries, max_bytes) or [[]]
+    for n, group in enumerate(groups):
+        ft = {k: {layer: _z32(a) for layer, a in q.items() if layer in group} for k, q in feature_queries.items()}
+        for s in range(0, len(labels), batch_size):
+            batch = np.stack([load_image(paths[lab], size) for lab in labels[s:s + batch_size]])
+            if n == 0:
+                z = _z32(batch)
+                for k, q in px.items():
+                    out_px[k][:, s:s + len(batch)] = q @ z.T
+            if group:
+                feats = network(torch.from_numpy(batch).float(), group)
+                zf = {layer: _z32(feats[layer].numpy()) for layer in group}
+                for k, q in ft.items():
+                    for layer, a in q.items():
+                        out_ft[k][layer][:, s:s + len(batch)] = a @ zf[layer].T
+            if progress:
+                progress(min(s + batch_size, len(labels)), len(labels))
+        del ft
     return TrainingSimilarity(labels, out_px, out_ft)
 
 
