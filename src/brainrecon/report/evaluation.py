@@ -169,11 +169,10 @@ def evaluation_section(evaluation: dict, folder: RunFolder) -> str:
         cards.append(f"<div class='card'>{html.escape(test_set)}<br>reconstruction <span class='big'>{_fmt(own)}</span>"
                      + (f"<br>retrieval baseline <span class='big'>{_fmt(base)}</span>" if base else "")
                      + (f"<br>human <span class='big'>{_fmt(human)}</span>" if human else "") + "</div>")
-    stimuli: dict[str, dict[str, Path]] = {}
+    from ..evaluate.judgment import JudgmentError, run_images
     try:
-        from ..evaluate.judgment import run_images
         stimuli = run_images(folder.root).stimuli
-    except Exception:           # noqa: BLE001 - the grid is left out if the stimuli moved; the numbers stay
+    except (JudgmentError, OSError):     # the stimuli moved: the grid is left out, the numbers stay
         stimuli = {}
     grids = "".join(_retrieval_grid(evaluation, folder, s, stimuli.get(s, {})) for s in sets)
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in evaluation.get("skipped", {}).items())
