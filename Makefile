@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 DEMO_OUT ?= demo_out
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
 .PHONY: install install-test demo test clean
 
@@ -22,6 +23,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	-$(PIP) install bdpy
 	# fastl2lir 0.11 is the oracle of tests/test_selection.py; its voxel selection needs numpy < 2.4
 	-$(PIP) install fastl2lir==0.11 "numpy<2.4"
+	# headless Chromium and its driver for the judgment app's browser test (Debian packages; as root, or
+	# with sudo where it needs no password); the test is skipped where they cannot be installed
+	-command -v chromedriver >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver)
 	touch $@
 
 install: $(VENV)/.installed

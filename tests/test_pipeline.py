@@ -58,6 +58,12 @@ def test_end_to_end_tiny(small_subject, tmp_path):
     assert html.count("data:image/png;base64,") > 2 * (6 + 40 + 10) and "test-retest" in html
     assert "(single trials " in html                       # the layer table shows the penalties used
     assert "decoders fit on each image's mean presentation" in html
+    # evaluation.json at the end of the run: intervals, the retrieval baseline of every test set, in the report
+    results = json.loads((out / "evaluation.json").read_text())["results"]
+    assert {r["test_set"] for r in results if r["metric"] == "retrieval_baseline_pixel_identification"} == set(metrics)
+    pixel = next(r for r in results if (r["test_set"], r["source"], r["metric"]) == ("shapes", "decoded", "pixel_identification"))
+    assert pixel["value"] == pytest.approx(metrics["shapes"]["pixel_identification"], abs=0.02)   # from the 8-bit PNGs
+    assert "Evaluation with uncertainty" in html and (out / "metrics.csv").is_file()
     # snapshots: the images at 0, 5, 12.5, 25 and 50% of the iterations, saved and in the report
     label = sorted((out / "recon" / "shapes").glob("*.png"))[0].stem
     snaps = sorted((out / "recon_snapshots" / "shapes" / label).glob("*.png"))

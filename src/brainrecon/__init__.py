@@ -36,6 +36,7 @@ _EXPORTS = {
     # evaluation
     "ImageScores": "brainrecon.evaluate.scores",
     "pairwise_identification": "brainrecon.evaluate.identification", "score_imagery": "brainrecon.evaluate.imagery",
+    "evaluate_run": "brainrecon.evaluate.protocol", "Evaluation": "brainrecon.evaluate.protocol",
     # the whole pipeline
     "run_pipeline": "brainrecon.pipeline", "PipelineConfig": "brainrecon.pipeline", "RunFolder": "brainrecon.runfolder",
 }

@@ -448,6 +448,50 @@ def download(names: Optional[list[str]] = typer.Argument(None, help="artefacts, 
         typer.echo(str(p))
 
 
+@app.command()
+def evaluate(run_dir: Path = typer.Argument(..., help="folder of a finished run or demo"),
+             protocol: str = typer.Option("kamitani", help="kamitani (pixel, feature, n-way and human "
+                                                           "identification), nsd (the NSD-era metrics) or all"),
+             eval_net: Optional[list[str]] = typer.Option(None, "--eval-net", help="NAME=PATH: weights of an NSD "
+                                                                                 "evaluation network (repeatable)"),
+             images: Optional[Path] = typer.Option(None, help="stimulus folder (default: the run's)"),
+             n_bootstrap: int = typer.Option(2000, min=100, help="bootstrap resamples of the images"),
+             n_permutations: int = typer.Option(1000, min=99, help="label permutations per identification"),
+             seed: int = typer.Option(0, help="seed of the resamples, permutations and n-way draws"),
+             device: str = typer.Option("cpu", help="torch device of the NSD evaluation networks")):
+    """Score a run with intervals and p-values and check it against retrieval: RUN_DIR/evaluation.json,
+    RUN_DIR/metrics.csv, and the report's evaluation section."""
+    from .evaluate.protocol import PROTOCOLS, EvaluationError, evaluate_run
+    from .report.evaluation import update_report
+
+    if protocol not in PROTOCOLS:
+        _fail(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    weights = _pairs(eval_net or [], "--eval-net", "NAME=PATH, e.g. --eval-net alexnet=alexnet-owt-7be5be79.pth")
+    if not run_dir.is_dir():
+        _fail(f"{run_dir} does not exist: give the folder of a finished `brainrecon run` or `brainrecon demo`")
+
+    def work():
+        from .pipeline import PipelineError
+        try:
+            evaluation = evaluate_run(run_dir, protocol, weights, images, n_bootstrap, n_permutations, seed=seed,
+                                      device=device, log=_say)
+        except EvaluationError as e:
+            raise PipelineError(str(e)) from None      # one line, exit 2
+        for what, why in evaluation.skipped.items():
+            _warn(f"{what} not evaluated: {why}")
+        if update_report(evaluation.to_json(), run_dir):
+            from .runfolder import RunFolder
+            _say(f"updated {RunFolder(run_dir).report}")
+        return evaluation
+
+    evaluation = _run_guarded(work, run_dir)
+    typer.echo(f"{'test set':<12}{'source':<15}{'metric':<42}{'value':>8}{'95% CI':>18}{'p':>9}")
+    for r in evaluation.results:
+        p = "" if r.p_value is None else f"{r.p_value:.3g}"
+        typer.echo(f"{r.test_set:<12}{r.source:<15}{r.metric:<42}{r.value:>8.3f}"
+                   f"{f'{r.ci_low:.3f}-{r.ci_high:.3f}':>18}{p:>9}")
+
+
 judge_app = typer.Typer(no_args_is_help=True, help="Human judgment: raters pick which of two stimuli a "
                         "reconstruction resembles (the paper's second measure; chance 50%).")
 app.add_typer(judge_app, name="judge")
@@ -570,6 +614,14 @@ def score(run_dir: Path = typer.Argument(..., help="folder of the run the judgme
     write_json(out, scores)
     write_json(metrics_path, metrics)
     _say(f"wrote {out} and {metrics_path}")
+    from .evaluate.protocol import merge_human
+    from .report.evaluation import update_report
+    evaluation = merge_human(run_dir, which)
+    if evaluation is None:
+        _say(f"(brainrecon evaluate {run_dir} adds intervals and the report's evaluation section)")
+    else:
+        _say(f"updated {RunFolder(run_dir).evaluation}, {RunFolder(run_dir).metrics_csv}" +
+             (f" and {RunFolder(run_dir).report}" if update_report(evaluation.to_json(), run_dir) else ""))
 
 
 def main() -> None:  # pragma: no cover

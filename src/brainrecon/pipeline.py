@@ -460,11 +460,23 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                 "alphas": {k: p.to_json() for k, p in next(iter(decoded.values())).alphas.items()},
                 "layer_rois": {layer: roi_for_layer(layer, config) for layer in models.layers},
                 "stage_seconds": log.times, "total_seconds": round(time.time() - log.t0, 1),
-                "settings": settings, **(extra or {})}
+                "settings": settings, "decoded_cache": str(dcache), **(extra or {})}
     write_json(folder.run_info, run_info)
-    write_report(folder.report, metrics, run_info, config, shown)
+    evaluation = _evaluate(folder, log)
+    write_report(folder.report, metrics, run_info, config, shown, evaluation=evaluation)
     log(f"wrote {folder.metrics} and {folder.report}")
     return metrics
+
+
+def _evaluate(folder: RunFolder, log: Log) -> str:
+    """The Kamitani protocol with intervals and the retrieval check (evaluation.json, metrics.csv); the
+    report's section of them."""
+    from .evaluate.protocol import evaluate_run
+    from .report.evaluation import evaluation_section
+    log.stage("evaluating: intervals, n-way identification, retrieval check")
+    evaluation = evaluate_run(folder.root, "kamitani", log=log)
+    log.stage("")
+    return evaluation_section(evaluation.to_json(), folder)
 
 
 def _run_set(s: TestSet, d: DecodedFeatures, models: RunModels, config: PipelineConfig, cache: Path,

@@ -5,6 +5,8 @@
     RUN/config.json                 the run's settings and inputs (``brainrecon run RUN/config.json`` repeats it)
     RUN/run.json                    what the run found and chose: penalties, ROIs, timings, the settings' digest
     RUN/metrics.json                scores per test set
+    RUN/evaluation.json             ``brainrecon evaluate``: every metric with its interval, the retrieval check
+    RUN/metrics.csv                 the same metrics, one row per test set, source and metric
     RUN/report.html                 the report
     RUN/recon/<set>/<label>.png     reconstructions from decoded features
     RUN/recon_true_features/<set>/<label>.png
@@ -52,6 +54,14 @@ class RunFolder:
         return self.root / "metrics.json"
 
     @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.json"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.html"
 
@@ -90,8 +100,9 @@ class RunFolder:
 
     def outputs(self) -> list[Path]:
         """What a run writes outside its cache (present ones)."""
-        paths = [self.config, self.run_info, self.metrics, self.report, self.recon_dir("decoded"),
-                 self.recon_dir("true"), self.root / "recon_snapshots", *self.root.glob("human_judgment*.json")]
+        paths = [self.config, self.run_info, self.metrics, self.evaluation, self.metrics_csv, self.report,
+                 self.recon_dir("decoded"), self.recon_dir("true"), self.root / "recon_snapshots",
+                 *self.root.glob("human_judgment*.json")]
         return [p for p in paths if p.exists()]
 
     def claim(self, digest: str, describe: dict, overwrite: bool = False) -> bool:

@@ -130,9 +130,29 @@ def roi_weights_table(alphas: dict) -> str:
             f"<table><tr><th>layer</th>{head}</tr>{''.join(rows)}</table>")
 
 
-def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) -> None:
+EVALUATION_START, EVALUATION_END = "<!--evaluation-->", "<!--/evaluation-->"
+
+
+def replace_evaluation(path: Path, section: str) -> bool:
+    """Put ``section`` (HTML) in place of a written report's evaluation section (a report without one, from
+    an earlier release, gets it at its end); False if there is no report."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    doc = path.read_text(encoding="utf-8")
+    if EVALUATION_START not in doc or EVALUATION_END not in doc:
+        at = doc.rfind("</body>") if "</body>" in doc else len(doc)
+        doc = doc[:at] + EVALUATION_START + EVALUATION_END + doc[at:]
+    start, end = doc.find(EVALUATION_START) + len(EVALUATION_START), doc.find(EVALUATION_END)
+    write_text(path, doc[:start] + section + doc[end:])
+    return True
+
+
+def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict, evaluation: str = "") -> None:
     """``sets``: {name: (labels, stimuli (n, 3, H, W), {"decoded": images, "true": images,
-    "snapshots": {iteration: images}, "pixel decoder": images})}, all but "decoded" optional."""
+    "snapshots": {iteration: images}, "pixel decoder": images, "perception": images})}, all but
+    "decoded" optional; ``evaluation``: the HTML section of ``brainrecon evaluate``'s results
+    (:func:`brainrecon.report.evaluation.evaluation_section`)."""
     summary = ["<table><tr><th>test set</th><th>images</th><th>presentations</th>"
                "<th>pixel identification (decoded)</th><th>pixel identification (true features)</th>"
                "<th>pixel r</th><th>SSIM</th><th>voxel test-retest r</th>"
@@ -216,6 +236,7 @@ def write_report(path: Path, metrics: dict, run_info: dict, config, sets: dict) 
 &middot; {run_info.get('n_train_samples', '?')} training samples of {run_info.get('n_train_images', '?')} images{fit_note}
 &middot; {config.recon.iterations} iterations &middot; total {run_info.get('total_seconds', 0):.0f} s</p>
 {''.join(summary)}
+{EVALUATION_START}{evaluation}{EVALUATION_END}
 {''.join(sections)}
 {decoding_html}
 <h2>Run</h2><table><tr><th>stage</th><th>time</th></tr>{times}</table>
