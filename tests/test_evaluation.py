@@ -207,7 +207,9 @@ def test_cli_evaluate_writes_both_files_and_names_what_it_skipped(mini_run, tmp_
                                       "--n-permutations", "99"])
     assert result.exit_code == 0, result.output
     assert (run / "evaluation.json").is_file() and (run / "metrics.csv").is_file()
-    assert "pixel_identification" in result.output and "nsd" in result.output
+    assert "pixel_identification" in result.output and "NSD protocol" in result.output
+    assert "no weight file" in result.output    # the networks without a file are named, the rest still ran
+    assert "pixcorr" in result.output
     bad = CliRunner().invoke(app, ["evaluate", str(run), "--protocol", "mine"])
     assert bad.exit_code == 2 and "--protocol 'mine'" in bad.output
     empty = tmp_path / "empty"
@@ -282,3 +284,28 @@ def test_judge_score_merges_into_the_evaluation_and_re_renders_the_report(mini_r
     assert human["value"] == pytest.approx(0.9) and human["per_image"][labels[0]] == 0.0 and human["n"] == 10
     page = (run / "report.html").read_text()
     assert "human <span class='big'>90.0%" in page and page.count("<!--evaluation-->") == 1
+
+
+def test_nsd_metrics_through_evaluate_get_intervals_and_permutation_p(mini_run, tmp_path):
+    """--protocol nsd with an AlexNet weight file (a random network saved in torchvision's layout):
+    AlexNet(2)/(5) identification carry their score matrix, so they get a bootstrap interval and a
+    permutation p-value like the Kamitani metrics; the networks without a file are named as skipped."""
+    import torch
+
+    from brainrecon.evaluate import nsd
+    from brainrecon.evaluate.protocol import evaluate_run
+    from brainrecon.nets.evalnets import build_eval_network
+
+    run, _ = mini_run
+    weights = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(build_eval_network("alexnet", seed=3).state_dict(), weights)
+    before = (run / "metrics.json").read_bytes()
+    ev = evaluate_run(run, "nsd", {"alexnet": weights}, n_boot=200, n_perm=99, log=lambda m: None)
+    for metric in ("alexnet2", "alexnet5"):
+        est = ev.get("natural", "decoded", metric)
+        assert est is not None and est.p_value is not None and 0 < est.p_value <= 1
+        assert est.ci_low <= est.value <= est.ci_high
+    assert {"inceptionv3", "clip", "effnet", "swav"} <= set(ev.skipped)
+    assert ev.get("natural", "decoded", "pixcorr") is not None
+    assert (run / "metrics.json").read_bytes() == before
+    assert nsd.MetricValues is __import__("brainrecon.evaluate.protocol", fromlist=["x"]).MetricValues

@@ -75,7 +75,7 @@ def test_pipeline_reports_the_baseline(small_subject, tmp_path):
     from brainrecon.recon.icnn import ReconConfig
 
     subject, paths = small_subject
-    tests = {k: v for k, v in paths.items() if k != "train"}
+    tests = {k: v for k, v in paths.items() if k not in ("train", "imagery")}   # perception sets
     cfg = PipelineConfig(image_size=32, layers=["conv1_1", "conv2_1"], true_feature_recon=False,
                          recon=ReconConfig(iterations=3), snapshots=[])
     out = tmp_path / "run"

@@ -542,7 +542,7 @@ def pixel_baselines(train_path: Path, image_index: np.ndarray, train_images: Sti
     decoder = PixelDecoder(alphas=np.asarray(config.alphas)).fit(X, image_index, train_images.images, reps)
     for s in todo:
         choice = decoder.choice(s.n_presentations)
-        Xt, labels = read_fmri(s.path, choice.roi).average_by_label()
+        Xt, labels = s.fmri.read_roi(choice.roi).average_by_label()
         Xt = Xt[[labels.index(lab) for lab in s.labels]]
         images = decoder.predict_images(Xt, config.image_size, s.n_presentations)
         save_npy(npy := cache / f"baseline_{s.name}.npy", images)

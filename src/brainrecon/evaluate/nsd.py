@@ -80,6 +80,9 @@ class MetricValues:
     per_image: np.ndarray = field(repr=False)   # (n,) r, SSIM, share of other ground truths beaten, or distance
     higher_is_better: bool
     protocol: str             # one line: resolution, resize, normalisation, layer, rule
+    scores: np.ndarray | None = field(default=None, repr=False)  # identification: (n, n), scores[j, i] how much
+    # reconstruction j resembles candidate i (its own stimulus i = j); bootstrap and permutation recompute from it
+    n_way: int = 2            # candidates per decision of an identification (2: pairwise)
 
     def mean(self) -> float:
         """The published summary: the mean over reconstructions."""
@@ -146,6 +149,19 @@ def two_way_identification(pred_feats: np.ndarray, true_feats: np.ndarray) -> np
         r = t @ p.T                                      # r[i, j]: ground truth i, reconstruction j
         beaten = r < np.diag(r)[None, :]
     return beaten.sum(0) / (n - 1)
+
+
+def correlation_scores(pred_feats: np.ndarray, true_feats: np.ndarray) -> np.ndarray:
+    """(n, n) Pearson r between reconstruction j's features and ground truth i's, as ``scores[j, i]``
+    (the score matrix the bootstrap and permutation of :mod:`brainrecon.evaluate.protocol` take)."""
+    p = np.asarray(pred_feats, dtype=np.float64).reshape(len(pred_feats), -1)
+    t = np.asarray(true_feats, dtype=np.float64).reshape(len(true_feats), -1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = p - p.mean(1, keepdims=True)
+        t = t - t.mean(1, keepdims=True)
+        p = p / np.linalg.norm(p, axis=1, keepdims=True)
+        t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    return np.nan_to_num(p @ t.T, nan=-np.inf)
 
 
 def correlation_distance(pred_feats: np.ndarray, true_feats: np.ndarray) -> np.ndarray:
@@ -284,7 +300,7 @@ def nsd_protocol(recons: np.ndarray, stimuli: np.ndarray, weights: Mapping[str, 
             text = f"{spec.size} px (bilinear, shorter side), {spec.description}"
             if spec.kind == "identification":
                 metrics.append(MetricValues(spec.metric, "identification", two_way_identification(pred, true), True,
-                                            f"{text}; {_TWO_WAY}"))
+                                            f"{text}; {_TWO_WAY}", scores=correlation_scores(pred, true)))
             else:
                 metrics.append(MetricValues(spec.metric, "distance", correlation_distance(pred, true), False,
                                             f"{text}; {_DISTANCE}"))

@@ -28,6 +28,7 @@ from ..data.stimuli import load_image
 from ..runfolder import RECON_FOLDERS, RunFolder
 from .identification import correlation_matrix
 from .judgment import JudgmentError, run_images
+from .nsd import MetricValues
 from .similarity import pixel_correlation, ssim
 from .uncertainty import (bootstrap_identification, bootstrap_mean, n_way_identification, pairwise_from_scores,
                           permutation_p)
@@ -43,32 +44,6 @@ SOURCES = {"decoded": "decoded", "true": "true_features"}      # reconstructions
 
 class EvaluationError(ValueError):
     """A run folder that cannot be evaluated; the message names what is missing and what to do."""
-
-
-@dataclass
-class MetricValues:
-    """One metric of one set of reconstructions, per image.
-
-    Attributes
-    ----------
-    name : str
-    kind : "similarity", "identification" or "distance"
-    per_image : (n,) float
-    higher_is_better : bool
-    protocol : str
-    scores : (n, n) float or None
-        For identification: ``scores[i, j]``, how much reconstruction i resembles candidate j (its
-        stimulus is j = i); the bootstrap and permutation recompute the accuracy from it.
-    n_way : int
-        Candidates per decision of an identification (2: pairwise).
-    """
-    name: str
-    kind: Literal["similarity", "identification", "distance"]
-    per_image: np.ndarray
-    higher_is_better: bool
-    protocol: str
-    scores: np.ndarray | None = None
-    n_way: int = 2
 
 
 def _identification(name: str, scores: np.ndarray) -> MetricValues:
@@ -161,7 +136,7 @@ def estimate(m: MetricValues, labels: list[str], test_set: str, source: str, n_b
     """
     v = np.asarray(m.per_image, np.float64)
     ok = np.isfinite(v)
-    scores, n_way = getattr(m, "scores", None), getattr(m, "n_way", 2)    # metrics of other modules may lack them
+    scores, n_way = m.scores, m.n_way
     if scores is not None and n_way == 2:
         lo, hi = bootstrap_identification(scores, n_boot, seed, level)
         resampled = "images, identification recomputed among the resampled images"
@@ -297,8 +272,9 @@ def evaluate_run(run_dir: str | Path, protocol: Protocol = "kamitani", weights: 
             raise EvaluationError(f"the run's network ({folder.config}): {e}") from None
         layers = list(config.get("layers") or network.layer_names)
         evaluation.protocols.append("kamitani")
-    nsd = _nsd_module(evaluation) if protocol in ("nsd", "all") else None
-    if nsd is not None:
+    nsd = None
+    if protocol in ("nsd", "all"):
+        from . import nsd
         evaluation.protocols.append("nsd")
 
     shown: dict[str, dict[str, tuple]] = {}     # set -> source -> (labels, recons, stimuli, feature scores)
@@ -325,7 +301,9 @@ def evaluate_run(run_dir: str | Path, protocol: Protocol = "kamitani", weights: 
                 if human:
                     metrics.append(human)
             if nsd is not None:
-                found, skipped = nsd.nsd_protocol(recons, stimuli, weights, device=device, log=log)
+                # the published protocol resizes each ground truth from its own resolution
+                full = np.stack([load_image(imgs.stimuli[test_set][lab], nsd.PIXEL_SIZE) for lab in labels])
+                found, skipped = nsd.nsd_protocol(recons, full, weights, device=device, log=log)
                 metrics += [(m, None) for m in found]
                 evaluation.skipped.update(skipped)
             for m, p in metrics:
@@ -375,19 +353,6 @@ def merge_human(run_dir: str | Path, which: str = "decoded", n_boot: int | None 
     write_json(folder.evaluation, evaluation.to_json())
     write_text(folder.metrics_csv, evaluation.csv_text())
     return evaluation
-
-
-def _nsd_module(evaluation: Evaluation):
-    import importlib
-    try:
-        nsd = importlib.import_module(f"{__package__}.nsd")
-    except ImportError as e:
-        missing = isinstance(e, ModuleNotFoundError) and e.name == f"{__package__}.nsd"
-        evaluation.skipped["nsd"] = ("this installation of brainrecon has no NSD protocol (brainrecon.evaluate.nsd): "
-                                     "install a release that has it, or use --protocol kamitani"
-                                     if missing else f"the NSD protocol could not be loaded ({e})")
-        return None
-    return nsd
 
 
 def _retrieval(evaluation: Evaluation, folder: RunFolder, config: dict, run_info: dict, images: Path | None,
