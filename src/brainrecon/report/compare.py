@@ -35,10 +35,7 @@ def accuracy_figure(results: dict[str, dict], x_axis: str) -> str:
     ax.set_ylim(0.3, 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    uri = figure_data_uri(fig)
-    plt.close(fig)
-    return uri
+    return figure_data_uri(fig)
 
 
 def _imagery_table(results: dict[str, dict], names: list[str], sets: list[str]) -> str:

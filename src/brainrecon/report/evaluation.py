@@ -64,10 +64,7 @@ def bars_figure(evaluation: dict) -> str:
         ax.set_title(test_set)
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    uri = figure_data_uri(fig)
-    plt.close(fig)
-    return uri
+    return figure_data_uri(fig)
 
 
 def n_way_figure(evaluation: dict) -> str:
@@ -98,10 +95,7 @@ def n_way_figure(evaluation: dict) -> str:
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    uri = figure_data_uri(fig)
-    plt.close(fig)
-    return uri
+    return figure_data_uri(fig)
 
 
 def _fmt(r: dict) -> str:

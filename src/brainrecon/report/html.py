@@ -33,8 +33,13 @@ def png_data_uri(image: np.ndarray, scale: int = 1) -> str:
 
 
 def figure_data_uri(fig) -> str:
+    """A matplotlib figure as a PNG data URI (with ``tight_layout``); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -70,10 +75,7 @@ def decoding_figure(metrics: dict) -> str:
         ax.axhline(0.5 if key == "feature_identification" else 0.0, color="#999", lw=0.8, ls="--")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    uri = figure_data_uri(fig)
-    plt.close(fig)
-    return uri
+    return figure_data_uri(fig)
 
 
 def _analysed_r(m: dict) -> str:
