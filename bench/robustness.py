@@ -64,7 +64,7 @@ def ensure_subject(folder: Path, cfg: SubjectConfig, network, log: Log) -> Path:
 def variants(args) -> dict[str, PipelineConfig]:
     """{cell name: run settings}: each decoder with the default prior, each prior with the default decoder."""
     out = {}
-    base = dict(image_size=args.image_size, true_feature_recon=False, snapshots=[], seed=0)
+    base = dict(image_size=args.image_size, true_feature_recon=False, snapshots=[], seed=0, evaluation=False)
 
     def make(decoder: str, prior: str) -> PipelineConfig:
         return PipelineConfig(decoder=decoder, generator="builtin" if prior == "generator" else None,

@@ -182,8 +182,12 @@ def test_layer_rois(small_subject, tmp_path):
     subject, _ = small_subject
     out = tmp_path / "rois"
     result = runner.invoke(app, _run_args(subject, out, tests=("shapes",)) +
-                           ["--iterations", "5", "--no-true-features", "--layer-roi", "conv1=ROI_V1+ROI_V2+ROI_V3"])
+                           ["--iterations", "5", "--no-true-features", "--layer-roi", "conv1=ROI_V1+ROI_V2+ROI_V3",
+                            "--no-evaluation"])
     assert result.exit_code == 0, result.output
+    # --no-evaluation: no evaluation files, the report without its section, metrics.json as always
+    assert not (out / "evaluation.json").exists() and not (out / "metrics.csv").exists()
+    assert "pixel_identification" in json.loads((out / "metrics.json").read_text())["shapes"]
     run = json.loads((out / "run.json").read_text())
     assert run["layer_rois"]["conv1_1"] == "ROI_V1+ROI_V2+ROI_V3" and run["layer_rois"]["conv2_1"] == "ROI_VC"
     assert "decoder for ROI_V1+ROI_V2+ROI_V3" in result.output

@@ -43,7 +43,8 @@ class PipelineError(RuntimeError):
 
 
 MIN_IMAGE_SIZE = 16   # the VGG networks' conv5 layers sit after four 2x poolings: 16 px give them 1 x 1
-EXECUTION = {"executor", "executor_options", "batch_size", "chunk_units", "feature_cache_gb"}  # never change results
+EXECUTION = {"executor", "executor_options", "batch_size", "chunk_units", "feature_cache_gb",
+             "evaluation"}  # never change the reconstructions or metrics.json
 
 
 class PipelineConfig(DecoderConfig):
@@ -70,6 +71,9 @@ class PipelineConfig(DecoderConfig):
                                                           "shown in the report (default: 0 and 5, 12.5, 25, 50% of "
                                                           "the iterations; 'none' for none)")
     pixel_baseline: bool = Field(True, description="also fit and score a linear pixel decoder (voxels -> 16x16 image, ROI and penalty by cross-validation) beside the reconstructions")
+    evaluation: bool = Field(True, description="end the run with the evaluation protocol (evaluation.json, "
+                                               "metrics.csv, intervals, retrieval check); off: `brainrecon "
+                                               "evaluate RUN` does it later")
     exclude_labels: list[str] = Field([], description="labels whose trials are left out of every test set, e.g. "
                                                       "fixation (labels without images; repeatable)")
     labels: dict[str, str] = Field({}, description="NAME=TSV: the image stem of each label of test set NAME, for "
@@ -462,7 +466,7 @@ def run_pipeline(train_path: Path, tests: dict[str, Path], images_dir: Path, out
                 "stage_seconds": log.times, "total_seconds": round(time.time() - log.t0, 1),
                 "settings": settings, "decoded_cache": str(dcache), **(extra or {})}
     write_json(folder.run_info, run_info)
-    evaluation = _evaluate(folder, log)
+    evaluation = _evaluate(folder, log) if config.evaluation else ""
     write_report(folder.report, metrics, run_info, config, shown, evaluation=evaluation)
     log(f"wrote {folder.metrics} and {folder.report}")
     return metrics
