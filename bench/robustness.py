@@ -133,6 +133,38 @@ def markdown(cells: list[dict], args, names: list[str], subjects: list[str]) -> 
     return head + "\n".join(lines) + "\n"
 
 
+def summary(cells: list[dict], args, names: list[str], subjects: list[str]) -> str:
+    """The README's table: per cell the mean pixel identification over subjects for each set, and each
+    subject's shapes score against its pixel decoder (the baseline row: the pixel decoder's means)."""
+    by = {(c["subject"], c["variant"]): c for c in cells}
+    sets = list(args.sets)
+    short = {s: s.replace("css-vgg", "css").replace("dn-stats", "dn") for s in subjects}
+    head = (f"| mean over {len(subjects)} subjects | " + " | ".join(sets) + " | shapes: "
+            + ", ".join(short[s] for s in subjects) + " |\n|---|" + "---|" * (len(sets) + 1) + "\n")
+    rows, base = [], {}
+    for name in names:
+        kind, _, value = name.partition(" ")
+        label = (f"decoder `{value}`, prior `{args.default_prior}`" if kind == "decoder"
+                 else f"prior `{value}`, decoder `{args.default_decoder}`")
+        if kind == "decoder" and value == args.default_decoder:
+            label = f"**defaults** (decoder `{value}`, prior `{args.default_prior}`)"
+        got = {s: by.get((s, name)) for s in subjects}
+        if not all(got.values()):
+            continue
+        means = [np.mean([got[s]["sets"][k]["pixel_identification"] for s in subjects]) for k in sets]
+        for s in subjects:
+            for k in sets:
+                base.setdefault((s, k), got[s]["sets"][k].get("baseline_pixel_identification", np.nan))
+        shapes = ", ".join(f"{got[s]['sets']['shapes']['pixel_identification']:.1%}" for s in subjects) \
+            if "shapes" in sets else ""
+        rows.append(f"| {label} | " + " | ".join(f"{m:.1%}" for m in means) + f" | {shapes} |")
+    if base:
+        means = [np.nanmean([base[(s, k)] for s in subjects]) for k in sets]
+        shapes = ", ".join(f"{base[(s, 'shapes')]:.1%}" for s in subjects) if "shapes" in sets else ""
+        rows.append("| linear pixel decoder (baseline) | " + " | ".join(f"{m:.1%}" for m in means) + f" | {shapes} |")
+    return head + "\n".join(rows) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("bench_out/robustness"))
@@ -184,18 +216,28 @@ def main() -> None:
     log.stage("")
     table = markdown(cells, args, list(runs), subjects)
     print(table)
+    print(summary(cells, args, list(runs), subjects))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items() if k not in ("work", "json")},
                                      "cells": cells}, indent=1))
     if args.write:
-        doc = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
-        text = doc.read_text() if doc.exists() else "# Robustness across simulated subjects\n"
-        marker = "<!-- robustness table -->"
-        before, _, after = text.partition(marker)
-        end = after.find("<!-- end robustness table -->")
-        rest = after[end:] if end >= 0 else "<!-- end robustness table -->\n"
-        doc.write_text(before + marker + "\n" + table + rest)
+        root = Path(__file__).resolve().parents[1]
+        write_between(root / "docs" / "robustness.md", "robustness table", table)
+        short = summary(cells, args, list(runs), subjects)
+        for doc in (root / "docs" / "robustness.md", root / "README.md"):
+            write_between(doc, "robustness summary", short)
+
+
+def write_between(doc: Path, name: str, text: str) -> None:
+    """Put ``text`` between ``<!-- NAME -->`` and ``<!-- end NAME -->`` in ``doc`` (appended when absent)."""
+    start, end = f"<!-- {name} -->", f"<!-- end {name} -->"
+    old = doc.read_text() if doc.exists() else "# Robustness across simulated subjects\n"
+    if start not in old:
+        old = old.rstrip("\n") + f"\n\n{start}\n{end}\n"
+    before, _, after = old.partition(start)
+    rest = after[after.find(end):] if end in after else end + "\n"
+    doc.write_text(before + start + "\n" + text + rest)
 
 
 if __name__ == "__main__":
