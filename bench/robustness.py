@@ -61,14 +61,41 @@ def ensure_subject(folder: Path, cfg: SubjectConfig, network, log: Log) -> Path:
     return folder
 
 
+def make_config(args, decoder: str, prior: str) -> PipelineConfig:
+    """One cell's run settings (reconstruction from decoded features only, no end-of-run evaluation)."""
+    return PipelineConfig(decoder=decoder, generator="builtin" if prior == "generator" else None,
+                          recon=ReconConfig(prior=prior, iterations=args.iterations), image_size=args.image_size,
+                          true_feature_recon=False, snapshots=[], seed=0, evaluation=False)
+
+
+def best_prior(args, subjects: list[str]) -> str:
+    """The prior whose cells (with the default decoder) have the best pixel identification averaged over
+    the subjects and the sets; every such cell must be finished (``--default-prior best``)."""
+    means, missing = {}, []
+    for prior in args.priors:
+        key_cfg = make_config(args, args.default_decoder, prior)
+        scores = []
+        for spec in subjects:
+            path = args.work / "cells" / f"{cell_key(subject_config(spec, args), key_cfg, args.sets)}.json"
+            if not path.exists():
+                missing.append(f"{spec} / prior {prior}")
+                continue
+            sets = json.loads(path.read_text())["sets"]
+            scores.append(np.mean([sets[s]["pixel_identification"] for s in args.sets]))
+        means[prior] = float(np.mean(scores)) if scores else np.nan
+    if missing:
+        raise SystemExit("--default-prior best needs every prior's cell first; missing: " + ", ".join(missing))
+    print("mean pixel identification over subjects and sets: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in means.items()), flush=True)
+    return max(means, key=means.get)
+
+
 def variants(args) -> dict[str, PipelineConfig]:
     """{cell name: run settings}: each decoder with the default prior, each prior with the default decoder."""
     out = {}
-    base = dict(image_size=args.image_size, true_feature_recon=False, snapshots=[], seed=0, evaluation=False)
 
     def make(decoder: str, prior: str) -> PipelineConfig:
-        return PipelineConfig(decoder=decoder, generator="builtin" if prior == "generator" else None,
-                              recon=ReconConfig(prior=prior, iterations=args.iterations), **base)
+        return make_config(args, decoder, prior)
 
     for decoder in args.decoders:
         try:
@@ -148,19 +175,22 @@ def summary(cells: list[dict], args, names: list[str], subjects: list[str]) -> s
                  else f"prior `{value}`, decoder `{args.default_decoder}`")
         if kind == "decoder" and value == args.default_decoder:
             label = f"**defaults** (decoder `{value}`, prior `{args.default_prior}`)"
-        got = {s: by.get((s, name)) for s in subjects}
-        if not all(got.values()):
+        got = {s: by[(s, name)] for s in subjects if (s, name) in by}
+        if not got:
             continue
-        means = [np.mean([got[s]["sets"][k]["pixel_identification"] for s in subjects]) for k in sets]
-        for s in subjects:
+        if len(got) < len(subjects):
+            label += f" ({', '.join(short[s] for s in got)} only)"
+        means = [np.mean([c["sets"][k]["pixel_identification"] for c in got.values()]) for k in sets]
+        for s, c in got.items():
             for k in sets:
-                base.setdefault((s, k), got[s]["sets"][k].get("baseline_pixel_identification", np.nan))
-        shapes = ", ".join(f"{got[s]['sets']['shapes']['pixel_identification']:.1%}" for s in subjects) \
-            if "shapes" in sets else ""
+                base.setdefault((s, k), c["sets"][k].get("baseline_pixel_identification", np.nan))
+        shapes = ", ".join(f"{got[s]['sets']['shapes']['pixel_identification']:.1%}" if s in got else "-"
+                           for s in subjects) if "shapes" in sets else ""
         rows.append(f"| {label} | " + " | ".join(f"{m:.1%}" for m in means) + f" | {shapes} |")
     if base:
-        means = [np.nanmean([base[(s, k)] for s in subjects]) for k in sets]
-        shapes = ", ".join(f"{base[(s, 'shapes')]:.1%}" for s in subjects) if "shapes" in sets else ""
+        means = [np.nanmean([base.get((s, k), np.nan) for s in subjects]) for k in sets]
+        shapes = ", ".join(f"{base[(s, 'shapes')]:.1%}" if (s, "shapes") in base else "-"
+                           for s in subjects) if "shapes" in sets else ""
         rows.append("| linear pixel decoder (baseline) | " + " | ".join(f"{m:.1%}" for m in means) + f" | {shapes} |")
     return head + "\n".join(rows) + "\n"
 
@@ -172,7 +202,11 @@ def main() -> None:
     ap.add_argument("--decoders", default=",".join(DECODERS))
     ap.add_argument("--priors", default=",".join(PRIORS))
     ap.add_argument("--default-decoder", default=PipelineConfig().decoder)
-    ap.add_argument("--default-prior", default=PipelineConfig().recon.prior)
+    ap.add_argument("--default-prior", default=PipelineConfig().recon.prior,
+                    help="the prior of the decoder cells; best: the prior with the best mean over the subjects "
+                         "of --choose-on and the sets (its cells must be finished)")
+    ap.add_argument("--choose-on", default="", help="subjects whose prior cells choose --default-prior best "
+                                                    "(default: --subjects)")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--n-train", type=int, default=0, help="training images (0: each model's default)")
@@ -180,6 +214,7 @@ def main() -> None:
     ap.add_argument("--n-test-natural", type=int, default=50)
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--table-only", action="store_true", help="run no cell: the table of the finished ones")
     ap.add_argument("--json", type=Path, default=Path("bench/results/robustness.json"))
     ap.add_argument("--write", action="store_true", help="write the table to docs/robustness.md")
     args = ap.parse_args()
@@ -190,18 +225,26 @@ def main() -> None:
 
     log = Log()
     network = load_network("hed-vgg16")
-    runs = variants(args)
     subjects = [s for s in args.subjects.split(",") if s]
+    if args.default_prior == "best":
+        args.default_prior = best_prior(args, [s for s in args.choose_on.split(",") if s] or subjects)
+        print(f"default prior: {args.default_prior}", flush=True)
+    runs = variants(args)
     cells = []
     for spec in subjects:
         sub_cfg = subject_config(spec, args)
-        folder = ensure_subject(args.work / "subjects" / spec.replace(":", "-"), sub_cfg, network, log)
+        folder = args.work / "subjects" / spec.replace(":", "-")
+        if not args.table_only:
+            ensure_subject(folder, sub_cfg, network, log)
         for name, cfg in runs.items():
             key = cell_key(sub_cfg, cfg, args.sets)
             path = args.work / "cells" / f"{key}.json"
             if path.exists():
                 log(f"{spec} / {name}: finished earlier ({path})")
                 cells.append(json.loads(path.read_text()))
+                continue
+            if args.table_only:
+                log(f"{spec} / {name}: not run (--table-only)")
                 continue
             log.stage(f"{spec} / {name}")
             result = run_cell(folder, args.work / "runs" / spec.replace(":", "-") / name.replace(" ", "-"),
