@@ -167,7 +167,11 @@ def summary(cells: list[dict], args, names: list[str], subjects: list[str]) -> s
     sets = list(args.sets)
     short = {s: s.replace("css-vgg", "css").replace("dn-stats", "dn") for s in subjects}
     head = (f"| mean over {len(subjects)} subjects | " + " | ".join(sets) + " | shapes: "
-            + ", ".join(short[s] for s in subjects) + " |\n|---|" + "---|" * (len(sets) + 1) + "\n")
+            + ", ".join(short[s] for s in subjects) + " | seconds: decoding, reconstruction |\n|---|"
+            + "---|" * (len(sets) + 2) + "\n")
+
+    def seconds(c: dict, prefixes: tuple[str, ...]) -> float:
+        return sum(v for k, v in c.get("stage_seconds", {}).items() if k.startswith(prefixes))
     rows, base = [], {}
     for name in names:
         kind, _, value = name.partition(" ")
@@ -186,12 +190,17 @@ def summary(cells: list[dict], args, names: list[str], subjects: list[str]) -> s
                 base.setdefault((s, k), c["sets"][k].get("baseline_pixel_identification", np.nan))
         shapes = ", ".join(f"{got[s]['sets']['shapes']['pixel_identification']:.1%}" if s in got else "-"
                            for s in subjects) if "shapes" in sets else ""
-        rows.append(f"| {label} | " + " | ".join(f"{m:.1%}" for m in means) + f" | {shapes} |")
+        dec = np.mean([seconds(c, ("fitting", "decoding")) for c in got.values()])
+        rec = np.mean([seconds(c, ("reconstructing",)) for c in got.values()])
+        cost = f"{dec:.0f}, {rec:.0f}" if kind == "decoder" else f"(shared), {rec:.0f}"
+        rows.append(f"| {label} | " + " | ".join(f"{m:.1%}" for m in means) + f" | {shapes} | {cost} |")
     if base:
         means = [np.nanmean([base.get((s, k), np.nan) for s in subjects]) for k in sets]
         shapes = ", ".join(f"{base[(s, 'shapes')]:.1%}" if (s, "shapes") in base else "-"
                            for s in subjects) if "shapes" in sets else ""
-        rows.append("| linear pixel decoder (baseline) | " + " | ".join(f"{m:.1%}" for m in means) + f" | {shapes} |")
+        pix = np.mean([seconds(c, ("pixel-decoder",)) for s in subjects for c in [by.get((s, names[0]))] if c])
+        rows.append("| linear pixel decoder (baseline) | " + " | ".join(f"{m:.1%}" for m in means)
+                    + f" | {shapes} | {pix:.0f} |")
     return head + "\n".join(rows) + "\n"
 
 
