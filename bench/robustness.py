@@ -93,19 +93,15 @@ def best_prior(args, subjects: list[str]) -> str:
 def variants(args) -> dict[str, PipelineConfig]:
     """{cell name: run settings}: each decoder with the default prior, each prior with the default decoder."""
     out = {}
-
-    def make(decoder: str, prior: str) -> PipelineConfig:
-        return make_config(args, decoder, prior)
-
     for decoder in args.decoders:
         try:
-            out[f"decoder {decoder}"] = make(decoder, args.default_prior)
+            out[f"decoder {decoder}"] = make_config(args, decoder, args.default_prior)
         except ValidationError as err:
             print(f"note: skipping decoder {decoder!r}: this version's DecoderConfig refuses it "
                   f"({err.errors()[0]['msg']})", flush=True)
     for prior in args.priors:
         if prior != args.default_prior or f"decoder {args.default_decoder}" not in out:
-            out[f"prior {prior}"] = make(args.default_decoder, prior)
+            out[f"prior {prior}"] = make_config(args, args.default_decoder, prior)
     return out
 
 
@@ -267,8 +263,9 @@ def main() -> None:
             cells.append(result)
     log.stage("")
     table = markdown(cells, args, list(runs), subjects)
+    short = summary(cells, args, list(runs), subjects)
     print(table)
-    print(summary(cells, args, list(runs), subjects))
+    print(short)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items() if k not in ("work", "json")},
@@ -276,7 +273,6 @@ def main() -> None:
     if args.write:
         root = Path(__file__).resolve().parents[1]
         write_between(root / "docs" / "robustness.md", "robustness table", table)
-        short = summary(cells, args, list(runs), subjects)
         for doc in (root / "docs" / "robustness.md", root / "README.md"):
             write_between(doc, "robustness summary", short)
 
